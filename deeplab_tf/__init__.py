@@ -1,1 +1,18 @@
-"""deeplab_tf: DeepLab semantic segmentation in Keras 3 / TensorFlow 2."""
+"""deeplab_tf: DeepLab semantic segmentation in Keras 3 / TensorFlow 2.
+
+Importing the package registers its layers, so ``keras.models.load_model`` can
+read the ``.keras`` files it writes.
+"""
+
+from deeplab_tf import layers
+from deeplab_tf.model import DEFAULT_ATROUS_IMPLEMENTATION, build_model
+from deeplab_tf.variants import VARIANTS, Variant, get_variant
+
+__all__ = [
+    "DEFAULT_ATROUS_IMPLEMENTATION",
+    "VARIANTS",
+    "Variant",
+    "build_model",
+    "get_variant",
+    "layers",
+]

@@ -1,5 +1,478 @@
-"""Layers of the DeepLab family (work in progress)."""
+"""Layers of the DeepLab family: pixel normalisation, atrous convolution, ASPP (v3).
+
+Every layer stores each ``__init__`` argument as a public attribute of the same
+name, returns exactly those arguments from ``get_config`` and is registered for
+``.keras`` serialisation under the ``deeplab_tf`` package.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import keras
+import tensorflow as tf
+from keras import initializers, layers, ops, regularizers
 
 # ImageNet mean pixel in RGB order (the Caffe/keras.applications ResNet and VGG
 # normalisation). Images are padded with it so padding is zero after normalisation.
 IMAGENET_MEAN_RGB = (123.68, 116.779, 103.939)
+
+ATROUS_IMPLEMENTATIONS = ("dilated", "space_to_batch", "direct")
+NORMALIZATION_MODES = ("caffe", "tf")
+
+_register = keras.saving.register_keras_serializable(package="deeplab_tf")
+
+
+def _check_choice(name: str, value: object, allowed: Sequence[object]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+
+
+def _check_positive_int(name: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def batch_norm(
+    name: str | None = None,
+    momentum: float = 0.9997,
+    epsilon: float = 1e-5,
+    synchronized: bool = False,
+) -> layers.BatchNormalization:
+    """The batch norm of the DeepLab v3 heads (decay 0.9997, v3 paper section 4.1)."""
+    return layers.BatchNormalization(
+        momentum=momentum, epsilon=epsilon, synchronized=synchronized, name=name
+    )
+
+
+@_register
+class PixelNormalization(layers.Layer):
+    """Maps RGB pixels in [0, 255] to what a backbone's ImageNet weights expect.
+
+    This is the first layer of every model, so training, evaluation, serving and
+    TFLite all feed the same raw pixels (DESIGN.md, Facts).
+
+    Args:
+        mode: ``"caffe"`` (RGB -> BGR, minus the ImageNet mean pixel; ResNet and
+            VGG in keras.applications) or ``"tf"`` (scaled to [-1, 1]; MobileNetV2).
+    """
+
+    def __init__(self, mode: str = "caffe", **kwargs):
+        _check_choice("mode", mode, NORMALIZATION_MODES)
+        super().__init__(**kwargs)
+        self.mode = mode
+
+    def call(self, inputs):
+        x = ops.cast(inputs, self.compute_dtype)
+        if self.mode == "tf":
+            return x / 127.5 - 1.0
+        mean_bgr = ops.convert_to_tensor(IMAGENET_MEAN_RGB[::-1], dtype=self.compute_dtype)
+        return ops.flip(x, axis=-1) - mean_bgr
+
+    def get_config(self):
+        return {**super().get_config(), "mode": self.mode}
+
+
+@functools.cache
+def native_dilated_backprop_available() -> bool:
+    """Whether this TensorFlow build differentiates ``conv2d(dilations>1)`` natively.
+
+    oneDNN (on by default on x86 CPUs) and GPUs do; the plain Eigen CPU kernels
+    (``TF_ENABLE_ONEDNN_OPTS=0``) raise "Current CPU implementations do not yet
+    support dilation rates larger than 1" in the backward pass.
+    """
+    with tf.init_scope():
+        x = tf.zeros([1, 5, 5, 1])
+        w = tf.zeros([3, 3, 1, 1])
+        try:
+            with tf.GradientTape() as tape:
+                tape.watch([x, w])
+                y = tf.nn.conv2d(x, w, strides=1, padding="SAME", dilations=2)
+            tape.gradient(y, [x, w])
+        except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError):
+            return False
+    return True
+
+
+def direct_atrous_conv2d(x, kernel, rate: int, padding: str, native_backprop: bool | None = None):
+    """``tf.nn.conv2d(..., dilations=rate)`` that can always be differentiated.
+
+    Where the backward kernels lack dilation support, the gradient is taken from
+    the space-to-batch form of the same convolution, which is mathematically equal.
+    """
+    padding = padding.upper()
+    if native_backprop is None:
+        native_backprop = native_dilated_backprop_available()
+    if rate == 1 or native_backprop:
+        return tf.nn.conv2d(x, kernel, strides=1, padding=padding, dilations=rate)
+
+    @tf.custom_gradient
+    def conv(x, kernel):
+        y = tf.nn.conv2d(x, kernel, strides=1, padding=padding, dilations=rate)
+
+        def grad(dy):
+            with tf.GradientTape() as tape:
+                tape.watch([x, kernel])
+                y_s2b = tf.nn.atrous_conv2d(x, kernel, rate, padding)
+            return tape.gradient(y_s2b, [x, kernel], output_gradients=dy)
+
+        return y, grad
+
+    return conv(x, kernel)
+
+
+@_register
+class AtrousConv2D(layers.Layer):
+    """Atrous (dilated) 2-D convolution, y[i] = sum_k x[i + rate * k] w[k].
+
+    Three numerically equal implementations (DESIGN.md, Atrous convolution):
+    ``"dilated"`` (Keras ``ops.conv`` with ``dilation_rate``), ``"space_to_batch"``
+    (``tf.nn.atrous_conv2d``, the method of the v2 paper section 3.1) and
+    ``"direct"`` (``tf.nn.conv2d(..., dilations=rate)``, run natively by oneDNN
+    and cuDNN). The variables (``kernel``, ``bias``) are the same as Keras
+    ``Conv2D``'s, so weights move between the two by layer name, and do not
+    depend on ``rate``: a model rebuilt at another output stride loads the same
+    weights.
+
+    Args:
+        filters: number of output channels.
+        kernel_size: odd integer, the kernel is square.
+        rate: dilation rate; the effective kernel size is k + (k - 1)(rate - 1).
+        implementation: one of ``ATROUS_IMPLEMENTATIONS``.
+        padding: ``"same"`` or ``"valid"``.
+        use_bias: whether to add a bias.
+        kernel_initializer, bias_initializer, kernel_regularizer,
+        bias_regularizer: as in ``keras.layers.Conv2D``.
+    """
+
+    def __init__(
+        self,
+        filters: int,
+        kernel_size: int = 3,
+        rate: int = 1,
+        implementation: str = "dilated",
+        padding: str = "same",
+        use_bias: bool = True,
+        kernel_initializer="glorot_uniform",
+        bias_initializer="zeros",
+        kernel_regularizer=None,
+        bias_regularizer=None,
+        **kwargs,
+    ):
+        _check_positive_int("filters", filters)
+        _check_positive_int("kernel_size", kernel_size)
+        _check_positive_int("rate", rate)
+        _check_choice("implementation", implementation, ATROUS_IMPLEMENTATIONS)
+        _check_choice("padding", padding, ("same", "valid"))
+        super().__init__(**kwargs)
+        self.filters = filters
+        self.kernel_size = kernel_size
+        self.rate = rate
+        self.implementation = implementation
+        self.padding = padding
+        self.use_bias = use_bias
+        self.kernel_initializer = initializers.get(kernel_initializer)
+        self.bias_initializer = initializers.get(bias_initializer)
+        self.kernel_regularizer = regularizers.get(kernel_regularizer)
+        self.bias_regularizer = regularizers.get(bias_regularizer)
+        self.input_spec = layers.InputSpec(ndim=4)
+
+    def build(self, input_shape):
+        channels = input_shape[-1]
+        if channels is None:
+            raise ValueError(f"{self.name}: the channel dimension of the input must be known")
+        self.kernel = self.add_weight(
+            name="kernel",
+            shape=(self.kernel_size, self.kernel_size, channels, self.filters),
+            initializer=self.kernel_initializer,
+            regularizer=self.kernel_regularizer,
+        )
+        self.bias = None
+        if self.use_bias:
+            self.bias = self.add_weight(
+                name="bias",
+                shape=(self.filters,),
+                initializer=self.bias_initializer,
+                regularizer=self.bias_regularizer,
+            )
+
+    def call(self, inputs):
+        kernel = ops.cast(self.kernel, self.compute_dtype)
+        if self.implementation == "dilated":
+            y = ops.conv(inputs, kernel, strides=1, padding=self.padding, dilation_rate=self.rate)
+        elif self.implementation == "space_to_batch":
+            y = tf.nn.atrous_conv2d(inputs, kernel, self.rate, self.padding.upper())
+        else:
+            y = direct_atrous_conv2d(inputs, kernel, self.rate, self.padding)
+        if self.use_bias:
+            y = y + ops.cast(self.bias, self.compute_dtype)
+        return y
+
+    def compute_output_shape(self, input_shape):
+        n, h, w, _ = input_shape
+        if self.padding == "valid":
+            shrink = (self.kernel_size - 1) * self.rate
+            h = None if h is None else h - shrink
+            w = None if w is None else w - shrink
+        return (n, h, w, self.filters)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "filters": self.filters,
+            "kernel_size": self.kernel_size,
+            "rate": self.rate,
+            "implementation": self.implementation,
+            "padding": self.padding,
+            "use_bias": self.use_bias,
+            "kernel_initializer": initializers.serialize(self.kernel_initializer),
+            "bias_initializer": initializers.serialize(self.bias_initializer),
+            "kernel_regularizer": regularizers.serialize(self.kernel_regularizer),
+            "bias_regularizer": regularizers.serialize(self.bias_regularizer),
+        }
+
+
+@_register
+class ConvBNReLU(layers.Layer):
+    """Convolution (no bias), batch norm, ReLU: the unit of every v3 head branch.
+
+    Args:
+        filters, kernel_size, rate, implementation: as in ``AtrousConv2D``.
+        bn_momentum, bn_epsilon, sync_batchnorm: batch norm settings.
+    """
+
+    def __init__(
+        self,
+        filters: int,
+        kernel_size: int = 1,
+        rate: int = 1,
+        implementation: str = "dilated",
+        bn_momentum: float = 0.9997,
+        bn_epsilon: float = 1e-5,
+        sync_batchnorm: bool = False,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.filters = filters
+        self.kernel_size = kernel_size
+        self.rate = rate
+        self.implementation = implementation
+        self.bn_momentum = bn_momentum
+        self.bn_epsilon = bn_epsilon
+        self.sync_batchnorm = sync_batchnorm
+        self.conv = AtrousConv2D(
+            filters,
+            kernel_size,
+            rate=rate,
+            implementation=implementation,
+            use_bias=False,
+            kernel_initializer="he_normal",
+            name="conv",
+        )
+        self.bn = batch_norm("bn", bn_momentum, bn_epsilon, sync_batchnorm)
+
+    def build(self, input_shape):
+        self.conv.build(input_shape)
+        self.bn.build(self.conv.compute_output_shape(input_shape))
+
+    def call(self, inputs, training=None):
+        return ops.relu(self.bn(self.conv(inputs), training=training))
+
+    def compute_output_shape(self, input_shape):
+        return self.conv.compute_output_shape(input_shape)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "filters": self.filters,
+            "kernel_size": self.kernel_size,
+            "rate": self.rate,
+            "implementation": self.implementation,
+            "bn_momentum": self.bn_momentum,
+            "bn_epsilon": self.bn_epsilon,
+            "sync_batchnorm": self.sync_batchnorm,
+        }
+
+
+@_register
+class ImagePooling(layers.Layer):
+    """Image-level features of the v3 ASPP (v3 paper section 3.3, Fig. 5).
+
+    Global average pooling over the whole feature map, 1x1 convolution, batch
+    norm, ReLU, then back to the feature map's runtime size. Bilinear upsampling
+    of a 1x1 map is a broadcast, which is what is done, so any input size works,
+    including maps larger than the training crop (the TF1 code pooled with a
+    fixed window and broke there).
+
+    Args:
+        filters: output channels.
+        bn_momentum, bn_epsilon, sync_batchnorm: batch norm settings.
+    """
+
+    def __init__(
+        self,
+        filters: int = 256,
+        bn_momentum: float = 0.9997,
+        bn_epsilon: float = 1e-5,
+        sync_batchnorm: bool = False,
+        **kwargs,
+    ):
+        _check_positive_int("filters", filters)
+        super().__init__(**kwargs)
+        self.filters = filters
+        self.bn_momentum = bn_momentum
+        self.bn_epsilon = bn_epsilon
+        self.sync_batchnorm = sync_batchnorm
+        self.project = ConvBNReLU(
+            filters,
+            1,
+            bn_momentum=bn_momentum,
+            bn_epsilon=bn_epsilon,
+            sync_batchnorm=sync_batchnorm,
+            name="project",
+        )
+
+    def build(self, input_shape):
+        self.project.build((input_shape[0], 1, 1, input_shape[-1]))
+
+    def call(self, inputs, training=None):
+        pooled = ops.mean(inputs, axis=(1, 2), keepdims=True)
+        pooled = self.project(pooled, training=training)
+        shape = ops.shape(inputs)
+        return ops.broadcast_to(pooled, (shape[0], shape[1], shape[2], self.filters))
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[:3], self.filters)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "filters": self.filters,
+            "bn_momentum": self.bn_momentum,
+            "bn_epsilon": self.bn_epsilon,
+            "sync_batchnorm": self.sync_batchnorm,
+        }
+
+
+@_register
+class ASPP(layers.Layer):
+    """Atrous Spatial Pyramid Pooling of DeepLab v3 (v3 paper section 3.3).
+
+    Branches: one 1x1 convolution, one 3x3 atrous convolution per rate, and
+    (optionally) image-level pooling; all ``filters`` wide with batch norm and
+    ReLU. They are concatenated and projected by a 1x1 convolution with batch
+    norm and ReLU, then optional dropout. The paper's rates are (6, 12, 18) at
+    output stride 16 and doubled at output stride 8.
+
+    Args:
+        filters: width of every branch and of the projection (256 in the paper).
+        rates: atrous rates of the 3x3 branches.
+        image_pooling: whether to add the image-level branch.
+        dropout: dropout rate after the projection (0 disables it).
+        implementation: atrous implementation of the 3x3 branches.
+        bn_momentum, bn_epsilon, sync_batchnorm: batch norm settings.
+    """
+
+    def __init__(
+        self,
+        filters: int = 256,
+        rates: Sequence[int] = (6, 12, 18),
+        image_pooling: bool = True,
+        dropout: float = 0.0,
+        implementation: str = "dilated",
+        bn_momentum: float = 0.9997,
+        bn_epsilon: float = 1e-5,
+        sync_batchnorm: bool = False,
+        **kwargs,
+    ):
+        _check_positive_int("filters", filters)
+        rates = tuple(rates)
+        if not rates:
+            raise ValueError("rates must hold at least one atrous rate, got ()")
+        for rate in rates:
+            _check_positive_int("each of rates", rate)
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        super().__init__(**kwargs)
+        self.filters = filters
+        self.rates = rates
+        self.image_pooling = image_pooling
+        self.dropout = dropout
+        self.implementation = implementation
+        self.bn_momentum = bn_momentum
+        self.bn_epsilon = bn_epsilon
+        self.sync_batchnorm = sync_batchnorm
+
+        norm = dict(bn_momentum=bn_momentum, bn_epsilon=bn_epsilon, sync_batchnorm=sync_batchnorm)
+        self.branches = [ConvBNReLU(filters, 1, name="branch_1x1", **norm)]
+        for rate in rates:
+            self.branches.append(
+                ConvBNReLU(
+                    filters,
+                    3,
+                    rate=rate,
+                    implementation=implementation,
+                    name=f"branch_3x3_rate{rate}",
+                    **norm,
+                )
+            )
+        if image_pooling:
+            self.branches.append(ImagePooling(filters, name="image_pooling", **norm))
+        self.projection = ConvBNReLU(filters, 1, name="projection", **norm)
+        self.dropout_layer = layers.Dropout(dropout, name="dropout") if dropout else None
+
+    def build(self, input_shape):
+        for branch in self.branches:
+            branch.build(input_shape)
+        self.projection.build((*input_shape[:3], self.filters * len(self.branches)))
+
+    def call(self, inputs, training=None):
+        x = ops.concatenate([b(inputs, training=training) for b in self.branches], axis=-1)
+        x = self.projection(x, training=training)
+        if self.dropout_layer is not None:
+            x = self.dropout_layer(x, training=training)
+        return x
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[:3], self.filters)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "filters": self.filters,
+            "rates": list(self.rates),
+            "image_pooling": self.image_pooling,
+            "dropout": self.dropout,
+            "implementation": self.implementation,
+            "bn_momentum": self.bn_momentum,
+            "bn_epsilon": self.bn_epsilon,
+            "sync_batchnorm": self.sync_batchnorm,
+        }
+
+
+@_register
+class ResizeBilinear(layers.Layer):
+    """Bilinearly resizes ``inputs[0]`` to the runtime spatial size of ``inputs[1]``.
+
+    Corners are aligned, as in the DeepLab code: with 'same' padding, logit j of
+    a stride-s map sits on input pixel s * j, so for sizes s * k + 1 (513) the
+    mapping is exact. The output is float32 so logits stay full precision under
+    mixed precision.
+    """
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+
+    def call(self, inputs):
+        x, reference = inputs
+        size = ops.shape(reference)[1:3]
+        x = tf.raw_ops.ResizeBilinear(
+            images=ops.cast(x, "float32"), size=size, align_corners=True, half_pixel_centers=False
+        )
+        return ops.cast(x, self.compute_dtype)
+
+    def compute_output_shape(self, input_shape):
+        x_shape, reference_shape = input_shape
+        return (x_shape[0], reference_shape[1], reference_shape[2], x_shape[-1])

@@ -1,0 +1,124 @@
+"""Weights moved between models by layer name: ImageNet backbones and output-stride switches."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+import keras
+
+logger = logging.getLogger(__name__)
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Pretrained weights could not be obtained (offline machine, missing file)."""
+
+
+@dataclass
+class TransferReport:
+    """What ``transfer_weights`` did.
+
+    Attributes:
+        filled: target layers whose weights were copied.
+        missing: target layers with weights that the source has no layer for.
+        unused: source layers with weights that the target has no layer for.
+    """
+
+    filled: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unused: list[str] = field(default_factory=list)
+
+
+def _layers_with_weights(model: keras.Model) -> dict[str, keras.layers.Layer]:
+    return {layer.name: layer for layer in model.layers if layer.weights}
+
+
+def transfer_weights(source: keras.Model, target: keras.Model) -> TransferReport:
+    """Copies every layer's weights from ``source`` to the layer of the same name in ``target``.
+
+    Raises:
+        ValueError: a layer exists in both with weights of different shapes.
+    """
+    source_layers = _layers_with_weights(source)
+    target_layers = _layers_with_weights(target)
+    report = TransferReport()
+    for name, layer in target_layers.items():
+        if name not in source_layers:
+            report.missing.append(name)
+            continue
+        values = source_layers[name].get_weights()
+        expected = [tuple(w.shape) for w in layer.weights]
+        got = [tuple(v.shape) for v in values]
+        if expected != got:
+            raise ValueError(
+                f"layer {name!r}: source weights have shapes {got}, target expects {expected}"
+            )
+        layer.set_weights(values)
+        report.filled.append(name)
+    report.unused = [name for name in source_layers if name not in target_layers]
+    if report.missing:
+        logger.warning(
+            "%s: %d layers not filled from %s: %s",
+            target.name,
+            len(report.missing),
+            source.name,
+            ", ".join(report.missing),
+        )
+    return report
+
+
+def keras_application(arch: str, weights: str | None, alpha: float = 1.0) -> keras.Model:
+    """The ``keras.applications`` model (no top) whose layers our backbone ``arch`` mirrors."""
+    constructors = {
+        "resnet50": keras.applications.ResNet50,
+        "resnet101": keras.applications.ResNet101,
+    }
+    if arch == "mobilenetv2":
+        return keras.applications.MobileNetV2(
+            input_shape=(224, 224, 3), alpha=alpha, include_top=False, weights=weights
+        )
+    if arch not in constructors:
+        raise ValueError(f"arch must be one of {[*sorted(constructors), 'mobilenetv2']}")
+    return constructors[arch](include_top=False, weights=weights)
+
+
+def load_backbone_weights(
+    backbone: keras.Model, arch: str, weights: str | os.PathLike | None, alpha: float = 1.0
+) -> TransferReport | None:
+    """Fills ``backbone`` from ImageNet weights by layer name.
+
+    Args:
+        backbone: a model from ``build_backbone``.
+        arch: its architecture name (``resnet50``, ``resnet101``, ``mobilenetv2``).
+        weights: ``None`` (keep the initialisation), ``"imagenet"`` (the
+            keras.applications weights, downloaded into ``~/.keras/models`` on first
+            use), or the path of a weights file: a keras.applications weights file
+            (``.h5``/``.weights.h5``) or a saved ``.keras`` model with the same
+            layer names.
+
+    Raises:
+        WeightsUnavailableError: the ImageNet weights cannot be downloaded or the
+            file does not exist.
+    """
+    if weights is None:
+        return None
+    if weights == "imagenet":
+        try:
+            source = keras_application(arch, "imagenet", alpha)
+        except Exception as error:  # keras raises a bare Exception on download failure
+            raise WeightsUnavailableError(
+                f"could not get the ImageNet weights of {arch} from keras.applications "
+                f"({error}); on a machine without internet, copy the keras.applications "
+                f"'notop' weights file here and pass its path as backbone_weights"
+            ) from error
+    else:
+        path = os.fspath(weights)
+        if not os.path.isfile(path):
+            raise WeightsUnavailableError(f"backbone_weights file not found: {path}")
+        if path.endswith(".keras"):
+            source = keras.models.load_model(path, compile=False)
+        else:
+            source = keras_application(arch, None, alpha)
+            source.load_weights(path)
+    return transfer_weights(source, backbone)
