@@ -1,0 +1,226 @@
+"""The built-in ``shapes`` dataset: a small, deterministic, real segmentation problem.
+
+Each image shows one to five objects of five shape classes (disk, square, triangle,
+ring, cross) on a textured background. Colours and textures (solid, stripes, checker,
+noise, gradient) are drawn independently of the class and shared by the background, so
+only shape tells the classes apart. Objects range from 10 pixels to half the image,
+are rotated and overlap (later ones occlude earlier ones, each stays >= 40% visible).
+As in VOC, a thin band of ignore label 255 runs along every object border.
+
+The tree is in VOC layout (``JPEGImages/*.jpg``, palette ``SegmentationClass/*.png``,
+``ImageSets/Segmentation/{train,val}.txt``), so it goes through the same builder as
+VOC. :func:`ensure_shapes_tfrecords` generates and builds it on first use.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from deeplab_tf.data import tfrecord
+from deeplab_tf.data.build import build_split
+from deeplab_tf.data.sources import voc_layout_pairs
+from deeplab_tf.data.specs import IGNORE_LABEL, SPECS
+
+SPEC = SPECS["shapes"]
+PARAMS_FILE = "shapes.json"
+DEFAULTS = {"num_train": 400, "num_val": 100, "image_size": 128, "seed": 0}
+_SPLIT_STREAMS = {"train": 0, "val": 1}  # independent random streams per split
+
+
+# === Rendering ===
+
+
+def _texture(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A random RGB texture float32 [size, size, 3]; returns it and its mean colour."""
+    kind = rng.choice(["solid", "stripes", "checker", "noise", "gradient"])
+    c1, c2 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32)
+    if kind == "solid":
+        t = np.zeros((size, size, 1), np.float32)
+    elif kind == "stripes":
+        angle, period = rng.uniform(0, np.pi), rng.uniform(4, 12)
+        phase = (x * np.cos(angle) + y * np.sin(angle)) / period
+        t = (np.floor(phase) % 2)[..., None]
+    elif kind == "checker":
+        period = rng.uniform(4, 12)
+        t = ((np.floor(x / period) + np.floor(y / period)) % 2)[..., None]
+    elif kind == "noise":
+        t = np.clip(rng.normal(0.5, 0.25, (size, size, 1)), 0, 1)
+    else:
+        angle = rng.uniform(0, 2 * np.pi)
+        t = (x * np.cos(angle) + y * np.sin(angle)) / size
+        t = ((t - t.min()) / max(float(np.ptp(t)), 1e-6))[..., None]
+    return (1 - t) * c1 + t * c2
+
+
+def _shape_mask(cls: int, size: int, cy: float, cx: float, r: float, theta: float) -> np.ndarray:
+    """Boolean [size, size] mask of shape class ``cls`` (1..5) with extent radius ``r``."""
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5  # pixel centres
+    dy, dx = y - cy, x - cx
+    u = np.cos(theta) * dx + np.sin(theta) * dy
+    v = -np.sin(theta) * dx + np.cos(theta) * dy
+    d2 = u * u + v * v
+    name = SPEC.class_names[cls]
+    if name == "disk":
+        return d2 <= r * r
+    if name == "square":
+        return np.maximum(np.abs(u), np.abs(v)) <= 0.8 * r
+    if name == "triangle":  # equilateral, circumradius r: inside all three edges
+        inside = np.ones_like(u, bool)
+        for k in range(3):
+            a = np.pi / 2 + k * 2 * np.pi / 3
+            inside &= u * np.cos(a) + v * np.sin(a) <= 0.5 * r
+        return inside
+    if name == "ring":
+        return (d2 <= r * r) & (d2 >= (0.5 * r) ** 2)
+    if name == "cross":
+        arm = 0.32 * r
+        return ((np.abs(u) <= arm) & (np.abs(v) <= r)) | ((np.abs(v) <= arm) & (np.abs(u) <= r))
+    raise ValueError(f"unknown shape class {cls}")
+
+
+def ignore_band(label: np.ndarray) -> np.ndarray:
+    """Sets to 255 every pixel whose 3x3 neighbourhood holds another class (VOC-style)."""
+    padded = np.pad(label, 1, mode="edge")
+    h, w = label.shape
+    border = np.zeros(label.shape, bool)
+    for oy in range(3):
+        for ox in range(3):
+            border |= padded[oy : oy + h, ox : ox + w] != label
+    return np.where(border, IGNORE_LABEL, label).astype(np.uint8)
+
+
+def render_example(rng: np.random.Generator, size: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """One image (uint8 [size, size, 3]) and its label (uint8 [size, size], 255 band)."""
+    background = _texture(rng, size)
+    image = background.copy()
+    label = np.zeros((size, size), np.uint8)
+    owner = np.full((size, size), -1, np.int32)  # which object is visible where
+    areas: list[int] = []
+    bg_mean = background.mean(axis=(0, 1))
+    for _ in range(int(rng.integers(1, 6))):
+        for _attempt in range(20):
+            cls = int(rng.integers(1, SPEC.num_classes))
+            # Log-uniform extent radius: diameter from 10 px to half the image.
+            r = float(np.exp(rng.uniform(np.log(5), np.log(size / 4))))
+            cy, cx = rng.uniform(r * 0.6, size - r * 0.6, 2)
+            mask = _shape_mask(cls, size, cy, cx, r, rng.uniform(0, 2 * np.pi))
+            trial = np.where(mask, len(areas), owner)
+            visible_ok = (
+                all((trial == k).sum() >= 0.4 * a for k, a in enumerate(areas)) and mask.sum() >= 12
+            )
+            if visible_ok:
+                break
+        else:
+            continue
+        texture = _texture(rng, size)
+        # Keep the object visible against the background: contrast in mean colour.
+        for _attempt in range(10):
+            if np.abs(texture.mean(axis=(0, 1)) - bg_mean).sum() >= 90:
+                break
+            texture = _texture(rng, size)
+        image[mask] = texture[mask]
+        label[mask] = cls
+        owner = trial
+        areas.append(int(mask.sum()))
+    image += rng.normal(0, 4, image.shape)  # sensor noise
+    return np.clip(np.round(image), 0, 255).astype(np.uint8), ignore_band(label)
+
+
+# === Writing the VOC-layout tree ===
+
+
+def generate_shapes(
+    root: str | Path,
+    *,
+    num_train: int = DEFAULTS["num_train"],
+    num_val: int = DEFAULTS["num_val"],
+    image_size: int = DEFAULTS["image_size"],
+    seed: int = DEFAULTS["seed"],
+    overwrite: bool = False,
+) -> Path:
+    """Writes the shapes dataset in VOC layout under ``root`` and returns ``root``.
+
+    Deterministic in ``seed``: the i-th image of a split depends only on (seed, split,
+    i). Written to a temporary directory and renamed when complete; an existing
+    ``root`` needs ``overwrite=True``.
+    """
+    root = Path(root)
+    if root.exists() and not overwrite:
+        raise FileExistsError(f"{root}: already exists; pass --overwrite to replace it")
+    if min(num_train, num_val) < 1 or image_size < 32:
+        raise ValueError("need num_train >= 1, num_val >= 1 and image_size >= 32")
+    tmp = root.with_name(f".{root.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "JPEGImages").mkdir(parents=True)
+    (tmp / "SegmentationClass").mkdir()
+    (tmp / "ImageSets" / "Segmentation").mkdir(parents=True)
+    palette = SPEC.palette().ravel().tolist()
+    try:
+        for split, count in (("train", num_train), ("val", num_val)):
+            ids = []
+            for i in range(count):
+                rng = np.random.default_rng([seed, _SPLIT_STREAMS[split], i])
+                image, label = render_example(rng, image_size)
+                name = f"{split}_{i:05d}"
+                Image.fromarray(image).save(tmp / "JPEGImages" / f"{name}.jpg", quality=92)
+                png = Image.frombytes("P", (image_size, image_size), label.tobytes())
+                png.putpalette(palette)
+                png.save(tmp / "SegmentationClass" / f"{name}.png")
+                ids.append(name)
+            (tmp / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(ids) + "\n")
+        params = {
+            "num_train": num_train,
+            "num_val": num_val,
+            "image_size": image_size,
+            "seed": seed,
+        }
+        (tmp / PARAMS_FILE).write_text(json.dumps(params) + "\n")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if root.exists():
+        shutil.rmtree(root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, root)
+    return root
+
+
+def build_shapes_tfrecords(
+    raw_root: str | Path, out_dir: str | Path, overwrite: bool = False
+) -> Path:
+    """Builds the train and val TFRecords of a generated shapes tree."""
+    for split in ("train", "val"):
+        build_split(voc_layout_pairs(raw_root, split), SPEC, out_dir, split, overwrite=overwrite)
+    return Path(out_dir)
+
+
+def ensure_shapes_tfrecords(root: str | Path, **params: Any) -> Path:
+    """Returns ``root/tfrecord`` holding the shapes TFRecords, generating them first if
+    they are missing or were made with other ``params`` (see :func:`generate_shapes`).
+
+    ``root/raw`` keeps the VOC-layout tree. Takes a few seconds the first time.
+    """
+    unknown = sorted(set(params) - set(DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown shapes parameters {unknown}; known: {sorted(DEFAULTS)}")
+    wanted = {**DEFAULTS, **params}
+    root = Path(root)
+    raw, out = root / "raw", root / "tfrecord"
+    params_file = raw / PARAMS_FILE
+    if params_file.is_file() and json.loads(params_file.read_text()) == wanted:
+        try:
+            splits = tfrecord.read_manifest(out)["splits"]
+            if {"train", "val"} <= set(splits):
+                return out
+        except ValueError:
+            pass
+    generate_shapes(raw, overwrite=True, **wanted)
+    return build_shapes_tfrecords(raw, out, overwrite=True)
