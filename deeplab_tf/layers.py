@@ -82,14 +82,23 @@ def native_dilated_backprop_available() -> bool:
     (``TF_ENABLE_ONEDNN_OPTS=0``) raise "Current CPU implementations do not yet
     support dilation rates larger than 1" in the backward pass.
     """
+    # Run the two backward ops themselves: init_scope (eager, even when called
+    # while tracing a graph) pauses gradient tapes.
     with tf.init_scope():
-        x = tf.zeros([1, 5, 5, 1])
-        w = tf.zeros([3, 3, 1, 1])
+        dilated = dict(strides=[1, 1, 1, 1], padding="SAME", dilations=[1, 2, 2, 1])
         try:
-            with tf.GradientTape() as tape:
-                tape.watch([x, w])
-                y = tf.nn.conv2d(x, w, strides=1, padding="SAME", dilations=2)
-            tape.gradient(y, [x, w])
+            tf.raw_ops.Conv2DBackpropInput(
+                input_sizes=[1, 5, 5, 1],
+                filter=tf.zeros([3, 3, 1, 1]),
+                out_backprop=tf.zeros([1, 5, 5, 1]),
+                **dilated,
+            )
+            tf.raw_ops.Conv2DBackpropFilter(
+                input=tf.zeros([1, 5, 5, 1]),
+                filter_sizes=[3, 3, 1, 1],
+                out_backprop=tf.zeros([1, 5, 5, 1]),
+                **dilated,
+            )
         except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError):
             return False
     return True

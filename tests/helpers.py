@@ -1,0 +1,95 @@
+"""Shared test helpers: the one layer check used for every layer, and numpy references."""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+
+import keras
+import numpy as np
+
+BASE_LAYER_CONFIG_KEYS = set(keras.layers.Layer().get_config())
+
+
+def assert_init_args_in_config(layer: keras.layers.Layer) -> None:
+    """Every ``__init__`` argument appears in ``get_config`` and nothing else does."""
+    params = {
+        name
+        for name, p in inspect.signature(type(layer).__init__).parameters.items()
+        if name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+    }
+    config_keys = set(layer.get_config()) - BASE_LAYER_CONFIG_KEYS
+    assert params == config_keys, (
+        f"{type(layer).__name__}: __init__ args not in get_config: {sorted(params - config_keys)}; "
+        f"get_config keys that are no __init__ arg: {sorted(config_keys - params)}"
+    )
+
+
+def run_layer_checks(
+    layer: keras.layers.Layer,
+    inputs: np.ndarray | list[np.ndarray],
+    tmp_path: Path,
+    atol: float = 1e-5,
+) -> None:
+    """The round-trip check every layer gets (STYLE.md principle 2).
+
+    * ``__init__`` arguments == ``get_config`` keys;
+    * ``get_config`` -> ``from_config`` -> the same config JSON;
+    * inside a model, ``.keras`` save/load gives identical outputs.
+    """
+    assert_init_args_in_config(layer)
+    config = layer.get_config()
+    clone = type(layer).from_config(config)
+    assert json.dumps(clone.get_config(), sort_keys=True, default=str) == json.dumps(
+        config, sort_keys=True, default=str
+    )
+
+    batch = inputs if isinstance(inputs, list) else [inputs]
+    model_inputs = [keras.Input(shape=(None,) * (x.ndim - 2) + x.shape[-1:]) for x in batch]
+    outputs = layer(model_inputs if isinstance(inputs, list) else model_inputs[0])
+    model = keras.Model(model_inputs, outputs)
+    expected = np.asarray(model(batch, training=False))
+    path = tmp_path / f"{layer.name}.keras"
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    np.testing.assert_allclose(np.asarray(loaded(batch, training=False)), expected, atol=atol)
+    assert type(loaded.layers[-1]) is type(layer)
+
+
+def numpy_atrous_conv2d(x: np.ndarray, w: np.ndarray, rate: int, padding: str) -> np.ndarray:
+    """y[n, i, j, o] = sum_{a, b, c} x[n, i + rate*a, j + rate*b, c] w[a, b, c, o]."""
+    k = w.shape[0]
+    xp = _pad(x, rate * (k - 1) // 2 if padding == "same" else 0)
+    out_h = xp.shape[1] - rate * (k - 1)
+    out_w = xp.shape[2] - rate * (k - 1)
+    y = np.zeros((x.shape[0], out_h, out_w, w.shape[-1]), np.float64)
+    for a in range(k):
+        for b in range(k):
+            patch = xp[:, rate * a : rate * a + out_h, rate * b : rate * b + out_w, :]
+            y += patch @ w[a, b]
+    return y
+
+
+def numpy_atrous_conv2d_grads(
+    x: np.ndarray, w: np.ndarray, rate: int, padding: str, dy: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Gradients of sum(y * dy) w.r.t. x and w, from the same definition."""
+    k = w.shape[0]
+    pad = rate * (k - 1) // 2 if padding == "same" else 0
+    xp = _pad(x, pad)
+    out_h, out_w = dy.shape[1:3]
+    dxp = np.zeros_like(xp, dtype=np.float64)
+    dw = np.zeros_like(w, dtype=np.float64)
+    for a in range(k):
+        for b in range(k):
+            rows = slice(rate * a, rate * a + out_h)
+            cols = slice(rate * b, rate * b + out_w)
+            dw[a, b] = np.einsum("nijc,nijo->co", xp[:, rows, cols, :], dy)
+            dxp[:, rows, cols, :] += dy @ w[a, b].T
+    dx = dxp[:, pad : pad + x.shape[1], pad : pad + x.shape[2], :]
+    return dx, dw
+
+
+def _pad(x: np.ndarray, pad: int) -> np.ndarray:
+    return np.pad(x.astype(np.float64), ((0, 0), (pad, pad), (pad, pad), (0, 0)))

@@ -1,0 +1,306 @@
+import os
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from deeplab_tf.layers import (
+    ASPP,
+    ATROUS_IMPLEMENTATIONS,
+    IMAGENET_MEAN_RGB,
+    AtrousConv2D,
+    ConvBNReLU,
+    ImagePooling,
+    PixelNormalization,
+    ResizeBilinear,
+    direct_atrous_conv2d,
+)
+from tests.helpers import numpy_atrous_conv2d, numpy_atrous_conv2d_grads, run_layer_checks
+
+RATES = (1, 2, 3, 4, 12)
+rng = np.random.default_rng(0)
+
+
+def _atrous_layer(rate, implementation, padding="same", x_shape=(2, 11, 13, 3), filters=4):
+    layer = AtrousConv2D(
+        filters, 3, rate=rate, implementation=implementation, padding=padding, use_bias=False
+    )
+    layer.build(x_shape)
+    layer.kernel.assign(rng.normal(size=layer.kernel.shape).astype("float32"))
+    return layer
+
+
+class TestAtrousConv2DCorrectness:
+    """Each implementation against the numpy definition y[i] = sum_k x[i + r k] w[k]."""
+
+    @pytest.mark.parametrize("implementation", ATROUS_IMPLEMENTATIONS)
+    @pytest.mark.parametrize("rate", RATES)
+    # 11x13 is divisible by none of the rates > 1; 12x12 by 2, 3, 4 and 12.
+    @pytest.mark.parametrize("size", [(11, 13), (12, 12)])
+    def test_forward_matches_numpy(self, implementation, rate, size):
+        x = rng.normal(size=(2, *size, 3)).astype("float32")
+        layer = _atrous_layer(rate, implementation, x_shape=x.shape)
+        expected = numpy_atrous_conv2d(x, np.asarray(layer.kernel), rate, "same")
+        np.testing.assert_allclose(np.asarray(layer(x)), expected, atol=1e-4)
+
+    @pytest.mark.parametrize("implementation", ATROUS_IMPLEMENTATIONS)
+    @pytest.mark.parametrize("rate", [1, 2, 3])
+    def test_valid_padding_matches_numpy(self, implementation, rate):
+        x = rng.normal(size=(1, 15, 14, 3)).astype("float32")
+        layer = _atrous_layer(rate, implementation, padding="valid", x_shape=x.shape)
+        expected = numpy_atrous_conv2d(x, np.asarray(layer.kernel), rate, "valid")
+        y = layer(x)
+        assert y.shape == expected.shape == (1, 15 - 2 * rate, 14 - 2 * rate, 4)
+        np.testing.assert_allclose(np.asarray(y), expected, atol=1e-4)
+
+    @pytest.mark.parametrize("rate", RATES)
+    def test_implementations_agree_with_bias(self, rate):
+        x = rng.normal(size=(1, 17, 10, 5)).astype("float32")
+        outputs = []
+        for implementation in ATROUS_IMPLEMENTATIONS:
+            layer = AtrousConv2D(6, 3, rate=rate, implementation=implementation)
+            layer.build(x.shape)
+            if outputs:
+                layer.set_weights(first.get_weights())
+            else:
+                first = layer
+                layer.bias.assign(rng.normal(size=6).astype("float32"))
+            outputs.append(np.asarray(layer(x)))
+        for y in outputs[1:]:
+            np.testing.assert_allclose(y, outputs[0], atol=1e-4)
+
+    @pytest.mark.parametrize("implementation", ATROUS_IMPLEMENTATIONS)
+    @pytest.mark.parametrize("rate", RATES)
+    def test_gradients_match_numpy(self, implementation, rate):
+        x = tf.constant(rng.normal(size=(2, 11, 13, 3)).astype("float32"))
+        layer = _atrous_layer(rate, implementation)
+        dy = rng.normal(size=(2, 11, 13, 4)).astype("float32")
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(layer(x) * dy)
+        dx, dw = tape.gradient(loss, [x, layer.kernel])
+        ref_dx, ref_dw = numpy_atrous_conv2d_grads(
+            x.numpy(), np.asarray(layer.kernel), rate, "same", dy
+        )
+        np.testing.assert_allclose(dx.numpy(), ref_dx, atol=1e-3)
+        np.testing.assert_allclose(dw.numpy(), ref_dw, atol=1e-3)
+
+    @pytest.mark.parametrize("rate", [2, 3, 12])
+    def test_direct_fallback_gradient_matches_numpy(self, rate):
+        """The space-to-batch gradient used where conv2d backprop lacks dilations."""
+        x = tf.constant(rng.normal(size=(1, 9, 14, 3)).astype("float32"))
+        w = tf.constant(rng.normal(size=(3, 3, 3, 2)).astype("float32"))
+        dy = rng.normal(size=(1, 9, 14, 2)).astype("float32")
+        with tf.GradientTape() as tape:
+            tape.watch([x, w])
+            y = direct_atrous_conv2d(x, w, rate, "same", native_backprop=False)
+            loss = tf.reduce_sum(y * dy)
+        dx, dw = tape.gradient(loss, [x, w])
+        ref_dx, ref_dw = numpy_atrous_conv2d_grads(x.numpy(), w.numpy(), rate, "same", dy)
+        np.testing.assert_allclose(
+            y.numpy(), numpy_atrous_conv2d(x.numpy(), w.numpy(), rate, "same"), atol=1e-4
+        )
+        np.testing.assert_allclose(dx.numpy(), ref_dx, atol=1e-3)
+        np.testing.assert_allclose(dw.numpy(), ref_dw, atol=1e-3)
+
+    def test_direct_trains_without_onednn(self):
+        """With TF_ENABLE_ONEDNN_OPTS=0 native dilated backprop fails; ours must not."""
+        script = textwrap.dedent(
+            """
+            import numpy as np, tensorflow as tf
+            from deeplab_tf.layers import AtrousConv2D, native_dilated_backprop_available
+            x = tf.constant(np.random.default_rng(1).normal(size=(1, 10, 9, 3)), tf.float32)
+            grads = []
+            for implementation in ("direct", "space_to_batch"):
+                layer = AtrousConv2D(4, 3, rate=3, implementation=implementation)
+                layer.build(x.shape)
+                layer.set_weights([np.full(w.shape, 0.1, "float32") for w in layer.weights])
+                with tf.GradientTape() as tape:
+                    tape.watch(x)
+                    loss = tf.reduce_sum(layer(x) ** 2)
+                grads.append([g.numpy() for g in tape.gradient(loss, [x, layer.kernel])])
+            diff = max(np.abs(a - b).max() for a, b in zip(*grads))
+            print(native_dilated_backprop_available(), diff)
+            """
+        )
+        env = {**os.environ, "TF_ENABLE_ONEDNN_OPTS": "0", "TF_CPP_MIN_LOG_LEVEL": "3"}
+        result = subprocess.run(
+            [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+        native, diff = result.stdout.split()[-2:]
+        assert native == "False"  # the fallback path really ran
+        assert float(diff) < 1e-4
+
+
+class TestAtrousConv2DInterface:
+    def test_output_shape_and_effective_kernel(self):
+        layer = AtrousConv2D(2, 3, rate=4, padding="valid")
+        # effective kernel size k + (k - 1)(r - 1) = 3 + 2 * 3 = 9
+        assert layer(np.zeros((1, 20, 9, 1), "float32")).shape == (1, 12, 1, 2)
+        assert layer.compute_output_shape((1, 20, 9, 1)) == (1, 12, 1, 2)
+
+    @pytest.mark.parametrize(
+        "kwargs, message",
+        [
+            ({"filters": 4, "rate": 0}, "rate must be a positive integer"),
+            ({"filters": 4, "implementation": "fft"}, "implementation must be one of"),
+            ({"filters": 4, "padding": "causal"}, "padding must be one of"),
+            ({"filters": -1}, "filters must be a positive integer"),
+        ],
+    )
+    def test_bad_arguments(self, kwargs, message):
+        with pytest.raises(ValueError, match=message):
+            AtrousConv2D(**kwargs)
+
+    def test_weights_match_keras_conv2d(self):
+        """Same variables as Conv2D, so weights move between them by layer name."""
+        x = rng.normal(size=(1, 8, 8, 3)).astype("float32")
+        conv = keras.layers.Conv2D(5, 3, padding="same")
+        conv.build(x.shape)
+        atrous = AtrousConv2D(5, 3)
+        atrous.build(x.shape)
+        atrous.set_weights(conv.get_weights())
+        np.testing.assert_allclose(np.asarray(atrous(x)), np.asarray(conv(x)), atol=1e-5)
+
+
+class TestPixelNormalization:
+    def test_caffe_matches_keras_resnet_preprocessing(self):
+        x = rng.uniform(0, 255, size=(2, 5, 7, 3)).astype("float32")
+        expected = keras.applications.resnet.preprocess_input(x.copy())
+        np.testing.assert_allclose(np.asarray(PixelNormalization("caffe")(x)), expected, atol=1e-4)
+
+    def test_tf_matches_keras_mobilenet_v2_preprocessing(self):
+        x = rng.uniform(0, 255, size=(2, 5, 7, 3)).astype("float32")
+        expected = keras.applications.mobilenet_v2.preprocess_input(x.copy())
+        np.testing.assert_allclose(np.asarray(PixelNormalization("tf")(x)), expected, atol=1e-6)
+
+    def test_mean_pixel_maps_to_zero(self):
+        mean = np.broadcast_to(np.array(IMAGENET_MEAN_RGB, "float32"), (1, 2, 2, 3))
+        np.testing.assert_allclose(np.asarray(PixelNormalization("caffe")(mean)), 0, atol=1e-5)
+
+    def test_bad_mode(self):
+        with pytest.raises(ValueError, match=r"mode must be one of \['caffe', 'tf'\]"):
+            PixelNormalization("torch")
+
+
+class TestImagePooling:
+    def test_larger_than_training_crop_matches_numpy(self):
+        """Built and used on a small map, then fed a map larger than any crop
+        (1025x2049 at OS16 -> 65x129): still the global mean of that map."""
+        layer = ImagePooling(8)
+        layer(rng.normal(size=(1, 33, 33, 16)).astype("float32"))  # "built at 513"
+        bn = layer.project.bn
+        bn.moving_mean.assign(rng.normal(size=8).astype("float32"))
+        bn.moving_variance.assign(rng.uniform(0.5, 2, size=8).astype("float32"))
+        bn.gamma.assign(rng.uniform(0.5, 2, size=8).astype("float32"))
+        bn.beta.assign(rng.normal(size=8).astype("float32"))
+        x = rng.normal(loc=0.3, size=(2, 65, 129, 16)).astype("float32")
+        x[1] *= 3.0  # the two images have different means
+        y = np.asarray(layer(x, training=False))
+
+        kernel = np.asarray(layer.project.conv.kernel)[0, 0]
+        pooled = x.mean(axis=(1, 2)) @ kernel
+        normed = (pooled - np.asarray(bn.moving_mean)) / np.sqrt(
+            np.asarray(bn.moving_variance) + bn.epsilon
+        ) * np.asarray(bn.gamma) + np.asarray(bn.beta)
+        expected = np.broadcast_to(np.maximum(normed, 0)[:, None, None, :], (2, 65, 129, 8))
+        assert y.shape == (2, 65, 129, 8)
+        np.testing.assert_allclose(y, expected, atol=1e-4)
+        assert not np.allclose(y[0], y[1])
+
+
+class TestASPP:
+    def test_output_and_branches(self):
+        aspp = ASPP(filters=8, rates=(2, 4, 6), image_pooling=True)
+        y = aspp(rng.normal(size=(2, 9, 7, 5)).astype("float32"))
+        assert y.shape == (2, 9, 7, 8)
+        assert [b.name for b in aspp.branches] == [
+            "branch_1x1",
+            "branch_3x3_rate2",
+            "branch_3x3_rate4",
+            "branch_3x3_rate6",
+            "image_pooling",
+        ]
+        assert [b.conv.rate for b in aspp.branches[1:4]] == [2, 4, 6]
+        # concat of 5 branches of 8 channels -> 1x1 projection
+        assert aspp.projection.conv.kernel.shape == (1, 1, 40, 8)
+        assert np.all(np.asarray(y) >= 0)  # ends with ReLU
+
+    def test_without_image_pooling(self):
+        aspp = ASPP(filters=4, rates=(1,), image_pooling=False)
+        aspp(np.zeros((1, 3, 3, 2), "float32"))
+        assert len(aspp.branches) == 2
+        assert aspp.projection.conv.kernel.shape == (1, 1, 8, 4)
+
+    def test_dynamic_sizes_in_one_graph(self):
+        aspp = ASPP(filters=4, rates=(2,))
+        fn = tf.function(
+            lambda x: aspp(x, training=False),
+            input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)],
+        )
+        for shape in [(1, 5, 5, 3), (2, 17, 9, 3)]:
+            assert fn(tf.zeros(shape)).shape == (*shape[:3], 4)
+
+    @pytest.mark.parametrize(
+        "kwargs, message",
+        [
+            ({"rates": ()}, "rates must hold at least one"),
+            ({"rates": (6, 0, 18)}, "each of rates must be a positive integer"),
+            ({"dropout": 1.5}, r"dropout must be in \[0, 1\)"),
+        ],
+    )
+    def test_bad_arguments(self, kwargs, message):
+        with pytest.raises(ValueError, match=message):
+            ASPP(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "layer, inputs",
+    [
+        (PixelNormalization("caffe"), rng.uniform(0, 255, (1, 4, 5, 3))),
+        (AtrousConv2D(3, 3, rate=2, implementation="direct"), rng.normal(size=(1, 7, 6, 2))),
+        (
+            AtrousConv2D(
+                3,
+                3,
+                rate=3,
+                implementation="space_to_batch",
+                padding="valid",
+                kernel_regularizer="l2",
+            ),
+            rng.normal(size=(1, 9, 8, 2)),
+        ),
+        (ConvBNReLU(4, 3, rate=2), rng.normal(size=(1, 6, 6, 3))),
+        (ImagePooling(4), rng.normal(size=(2, 5, 3, 3))),
+        (ASPP(filters=4, rates=(1, 2, 3), dropout=0.1), rng.normal(size=(1, 6, 5, 3))),
+        (ResizeBilinear(), [rng.normal(size=(1, 3, 4, 2)), rng.normal(size=(1, 9, 13, 1))]),
+    ],
+    ids=lambda v: type(v).__name__ if isinstance(v, keras.layers.Layer) else "",
+)
+def test_layer_round_trip(layer, inputs, tmp_path):
+    if isinstance(inputs, list):
+        inputs = [x.astype("float32") for x in inputs]
+    else:
+        inputs = inputs.astype("float32")
+    run_layer_checks(layer, inputs, tmp_path)
+
+
+class TestResizeBilinear:
+    def test_aligned_corners_for_stride_multiples_plus_one(self):
+        """Logit j sits on pixel 16 j: for 513 = 16 * 32 + 1, pixel 16 j equals logit j."""
+        logits = rng.normal(size=(1, 33, 33, 2)).astype("float32")
+        y = np.asarray(ResizeBilinear()([logits, np.zeros((1, 513, 513, 3), "float32")]))
+        assert y.shape == (1, 513, 513, 2)
+        np.testing.assert_allclose(y[:, ::16, ::16], logits, atol=1e-5)
+        # halfway between two logits is their mean
+        np.testing.assert_allclose(y[:, 8, 0], (logits[:, 0, 0] + logits[:, 1, 0]) / 2, atol=1e-5)
+
+    def test_output_is_float32_under_mixed_precision(self):
+        layer = ResizeBilinear()
+        x = tf.zeros((1, 2, 2, 1), tf.float16)
+        assert layer([x, tf.zeros((1, 5, 5, 3))]).dtype == tf.float32
