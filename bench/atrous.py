@@ -19,9 +19,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import tensorflow as tf  # noqa: E402
+import tensorflow as tf
 
-from deeplab_tf.layers import ATROUS_IMPLEMENTATIONS, AtrousConv2D  # noqa: E402
+from deeplab_tf.layers import ATROUS_IMPLEMENTATIONS, AtrousConv2D
 
 # (input shape, output channels, rates): the ASPP branches of DeepLab v3 at OS8
 # on a 513 crop, and a rate-2 block of a ResNet at OS8.
@@ -56,11 +56,11 @@ def main(argv: list[str] | None = None) -> int:
                 layer.build(shape)
 
                 @tf.function
-                def forward(layer=layer):
+                def forward(layer=layer, x=x):
                     return layer(x)
 
                 @tf.function
-                def forward_backward(layer=layer):
+                def forward_backward(layer=layer, x=x):
                     with tf.GradientTape() as tape:
                         tape.watch(x)
                         loss = tf.reduce_sum(layer(x))

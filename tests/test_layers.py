@@ -60,15 +60,14 @@ class TestAtrousConv2DCorrectness:
     @pytest.mark.parametrize("rate", RATES)
     def test_implementations_agree_with_bias(self, rate):
         x = rng.normal(size=(1, 17, 10, 5)).astype("float32")
+        reference = AtrousConv2D(6, 3, rate=rate)
+        reference.build(x.shape)
+        reference.bias.assign(rng.normal(size=6).astype("float32"))
         outputs = []
         for implementation in ATROUS_IMPLEMENTATIONS:
             layer = AtrousConv2D(6, 3, rate=rate, implementation=implementation)
             layer.build(x.shape)
-            if outputs:
-                layer.set_weights(first.get_weights())
-            else:
-                first = layer
-                layer.bias.assign(rng.normal(size=6).astype("float32"))
+            layer.set_weights(reference.get_weights())
             outputs.append(np.asarray(layer(x)))
         for y in outputs[1:]:
             np.testing.assert_allclose(y, outputs[0], atol=1e-4)
