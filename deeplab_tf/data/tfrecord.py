@@ -100,7 +100,13 @@ def parse_example(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
 
 def decode_example(parsed: dict[str, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
     """Decodes a parsed example to (image uint8 [H, W, 3], label uint8 [H, W])."""
-    image = tf.io.decode_image(parsed[IMAGE_ENCODED], channels=3, expand_animations=False)
+    encoded = parsed[IMAGE_ENCODED]
+    # INTEGER_ACCURATE: TF's default fast IDCT differs from PIL/libjpeg by a few levels.
+    image = tf.cond(
+        tf.io.is_jpeg(encoded),
+        lambda: tf.io.decode_jpeg(encoded, channels=3, dct_method="INTEGER_ACCURATE"),
+        lambda: tf.io.decode_png(encoded, channels=3),
+    )
     label = tf.io.decode_png(parsed[LABEL_ENCODED], channels=1)
     image.set_shape([None, None, 3])
     label = tf.reshape(label, tf.shape(label)[:2])
