@@ -26,4 +26,4 @@ def feature_extractor(backbone: keras.Model, names: list[str] | None = None) -> 
     if names is None:
         names = [info.name for info in backbone.feature_info]
     outputs = {name: backbone.get_layer(name).output for name in names}
-    return keras.Model(backbone.inputs, outputs, name=f"{backbone.name}_features")
+    return keras.Model(backbone.input, outputs, name=f"{backbone.name}_features")

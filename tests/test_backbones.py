@@ -1,0 +1,204 @@
+import urllib.error
+
+import keras
+import numpy as np
+import pytest
+
+from deeplab_tf.backbones import (
+    OUTPUT_STRIDES,
+    WeightsUnavailableError,
+    build_backbone,
+    feature_extractor,
+    load_backbone_weights,
+    transfer_weights,
+)
+from deeplab_tf.backbones.output_stride import stage_strides
+
+rng = np.random.default_rng(0)
+
+
+def _randomise_batch_norm(model: keras.Model) -> None:
+    """Non-trivial inference statistics, so a wrong alignment cannot hide in zeros."""
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            c = layer.gamma.shape[0]
+            layer.gamma.assign(rng.uniform(0.5, 1.0, c).astype("float32"))
+            layer.beta.assign(rng.normal(0, 0.1, c).astype("float32"))
+            layer.moving_mean.assign(rng.normal(0, 0.1, c).astype("float32"))
+            layer.moving_variance.assign(rng.uniform(1.0, 2.0, c).astype("float32"))
+
+
+def _assert_close_relative(actual, expected, rtol):
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    assert actual.shape == expected.shape
+    scale = np.abs(expected).max()
+    assert scale > 0 and np.std(expected) > 0
+    np.testing.assert_allclose(actual, expected, atol=rtol * scale)
+
+
+class TestOutputStrideConsistency:
+    """deeplab2's atrous-consistency test: same weights, the dense features at
+    a finer output stride subsampled by 2 equal the features at the coarser one."""
+
+    @pytest.mark.parametrize(
+        "arch, kwargs",
+        [
+            ("resnet50", {"multi_grid": (1, 2, 4)}),
+            ("resnet50", {"multi_grid": (1, 2, 1), "cascade_blocks": 3}),
+            ("mobilenetv2", {"alpha": 0.5}),
+        ],
+        ids=["resnet50-mg124", "resnet50-block7", "mobilenetv2"],
+    )
+    def test_finer_stride_subsampled_equals_coarser(self, arch, kwargs):
+        models = {os_: build_backbone(arch, output_stride=os_, **kwargs) for os_ in OUTPUT_STRIDES}
+        _randomise_batch_norm(models[8])
+        for os_ in (16, 32):
+            models[os_].set_weights(models[8].get_weights())
+        # odd and non-square: the sizes where alignment mistakes show
+        x = rng.uniform(0, 255, size=(2, 97, 75, 3)).astype("float32")
+        features = {os_: np.asarray(m(x, training=False)) for os_, m in models.items()}
+        for fine, coarse in ((8, 16), (16, 32)):
+            assert features[fine].shape[1:3] == (-(-97 // fine), -(-75 // fine))
+            _assert_close_relative(features[fine][:, ::2, ::2], features[coarse], rtol=1e-4)
+
+
+class TestResNet:
+    def test_os32_reproduces_keras_applications_resnet101(self):
+        reference = keras.applications.ResNet101(weights=None, include_top=False)
+        _randomise_batch_norm(reference)
+        ours = build_backbone("resnet101", output_stride=32)
+        report = transfer_weights(reference, ours)
+        assert report.missing == [] and report.unused == []
+        assert len(report.filled) == len([layer for layer in reference.layers if layer.weights])
+        x = rng.uniform(0, 255, size=(1, 97, 129, 3)).astype("float32")
+        expected = reference(keras.applications.resnet.preprocess_input(x.copy()), training=False)
+        _assert_close_relative(ours(x, training=False), expected, rtol=1e-4)
+
+    @pytest.mark.parametrize(
+        "output_stride, multi_grid, expected",
+        [
+            # DESIGN.md: OS16 -> block4 rate 2; OS8 -> block3 rate 2, block4 rate 4;
+            # multi-grid multiplies the three units of block4: OS16, MG (1,2,4) -> (2,4,8).
+            (16, (1, 2, 4), {"conv3": [1] * 4, "conv4": [1] * 23, "conv5": [2, 4, 8]}),
+            (8, (1, 2, 4), {"conv3": [1] * 4, "conv4": [2] * 23, "conv5": [4, 8, 16]}),
+            (32, (1, 2, 4), {"conv3": [1] * 4, "conv4": [1] * 23, "conv5": [1, 2, 4]}),
+            (16, (1, 1, 1), {"conv3": [1] * 4, "conv4": [1] * 23, "conv5": [2, 2, 2]}),
+        ],
+    )
+    def test_block_rates(self, output_stride, multi_grid, expected):
+        model = build_backbone("resnet101", output_stride=output_stride, multi_grid=multi_grid)
+        for stage, rates in expected.items():
+            got = [model.get_layer(f"{stage}_block{i + 1}_2_conv").rate for i in range(len(rates))]
+            assert got == rates, stage
+
+    def test_cascaded_blocks_double_the_rate(self):
+        """block5..7 are copies of block4 whose rates keep doubling (v3 section 3.2)."""
+        model = build_backbone("resnet50", output_stride=16, multi_grid=(1, 2, 1), cascade_blocks=3)
+        for stage, base in (("conv5", 2), ("conv6", 4), ("conv7", 8), ("conv8", 16)):
+            rates = [model.get_layer(f"{stage}_block{i}_2_conv").rate for i in (1, 2, 3)]
+            assert rates == [base, 2 * base, base]
+            assert model.get_layer(f"{stage}_block1_0_conv").strides == (1, 1)
+        assert model.output.shape[-1] == 2048
+
+    def test_strides_become_rates_like_timm(self):
+        """Without atrous the cascade would reach output stride 256 (v3 Table 1)."""
+        schedule = stage_strides((1, 2, 2, 2, 2, 2, 2), output_stride=32, stem_stride=4)
+        assert [s.stride for s in schedule] == [1, 2, 2, 2, 1, 1, 1]
+        assert [s.rate for s in schedule] == [1, 1, 1, 1, 2, 4, 8]
+        assert 4 * 2**6 == 256
+
+    @pytest.mark.parametrize(
+        "kwargs, message",
+        [
+            ({"arch": "resnet152"}, r"backbone must be one of \['resnet50', 'resnet101'"),
+            (
+                {"arch": "resnet50", "output_stride": 4},
+                r"output_stride must be one of \[8, 16, 32\]",
+            ),
+            ({"arch": "resnet50", "multi_grid": (1, 2)}, "multi_grid must be 3 positive integer"),
+            ({"arch": "resnet50", "cascade_blocks": 4}, r"cascade_blocks must be in 0..3"),
+            ({"arch": "mobilenetv2", "alpha": 0}, "alpha must be a positive width multiplier"),
+            ({"arch": "mobilenetv2", "cascade_blocks": 1}, "cascade_blocks applies to ResNet"),
+        ],
+    )
+    def test_bad_arguments(self, kwargs, message):
+        with pytest.raises(ValueError, match=message):
+            build_backbone(**kwargs)
+
+
+class TestFeatureInfo:
+    @pytest.mark.parametrize(
+        "arch, output_stride",
+        [("resnet50", 8), ("resnet50", 16), ("mobilenetv2", 8), ("mobilenetv2", 32)],
+    )
+    def test_matches_real_output_shapes(self, arch, output_stride):
+        backbone = build_backbone(arch, output_stride=output_stride, alpha=0.35)
+        x = np.zeros((1, 65, 49, 3), "float32")
+        outputs = feature_extractor(backbone)(x)
+        assert list(outputs) == [info.name for info in backbone.feature_info]
+        for info in backbone.feature_info:
+            y = outputs[info.name]
+            assert y.shape == (1, -(-65 // info.reduction), -(-49 // info.reduction), info.channels)
+        assert backbone.feature_info[-1].reduction == output_stride
+        assert backbone.feature_info[-1].channels == backbone.output.shape[-1]
+
+
+class TestWeights:
+    def test_weights_file_round_trip(self, tmp_path):
+        """A keras.applications weights file fills the backbone by layer name."""
+        source = keras.applications.ResNet50(weights=None, include_top=False)
+        _randomise_batch_norm(source)
+        path = tmp_path / "resnet50_notop.weights.h5"
+        source.save_weights(path)
+        ours = build_backbone("resnet50", output_stride=16, weights=str(path))
+        for name in ("conv1_conv", "conv4_block6_2_conv", "conv5_block3_3_bn"):
+            for a, b in zip(
+                ours.get_layer(name).get_weights(), source.get_layer(name).get_weights()
+            ):
+                np.testing.assert_array_equal(a, b)
+
+    def test_mobilenet_v2_fills_every_layer_but_the_last_conv(self):
+        source = keras.applications.MobileNetV2(weights=None, include_top=False, alpha=0.5)
+        ours = build_backbone("mobilenetv2", alpha=0.5)
+        report = transfer_weights(source, ours)
+        assert report.missing == []
+        # DeepLab uses the 320-channel features, not keras's final 1280-channel conv
+        assert report.unused == ["Conv_1", "Conv_1_bn"]
+        # Before any stride-2 layer the two agree exactly (Conv1 is centred on even pixels
+        # for odd sizes in both).
+        x = rng.uniform(0, 255, size=(1, 33, 33, 3)).astype("float32")
+        ref = keras.Model(source.input, source.get_layer("expanded_conv_project_BN").output)
+        mine = keras.Model(ours.input, ours.get_layer("expanded_conv_project_BN").output)
+        expected = ref(keras.applications.mobilenet_v2.preprocess_input(x.copy()))
+        _assert_close_relative(mine(x), expected, rtol=1e-5)
+
+    def test_report_lists_layers_it_could_not_fill(self, caplog):
+        source = keras.applications.ResNet50(weights=None, include_top=False)
+        ours = build_backbone("resnet50", cascade_blocks=1)
+        report = transfer_weights(source, ours)
+        assert report.missing and all(name.startswith("conv6_") for name in report.missing)
+        assert "layers not filled" in caplog.text
+
+    def test_shape_mismatch_names_the_layer(self):
+        source = keras.applications.MobileNetV2(weights=None, include_top=False, alpha=0.35)
+        ours = build_backbone("mobilenetv2", alpha=1.0)
+        with pytest.raises(ValueError, match="layer 'Conv1': source weights have shapes"):
+            transfer_weights(source, ours)
+
+    def test_imagenet_offline_gives_a_clear_error(self, monkeypatch, tmp_path):
+        """keras downloads the weights; offline that must be one clear error."""
+        from keras.src.utils import file_utils
+
+        def offline(*args, **kwargs):
+            raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+        monkeypatch.setattr(file_utils, "urlretrieve", offline)
+        monkeypatch.setattr(file_utils.config, "keras_home", lambda: str(tmp_path))
+        backbone = build_backbone("resnet50")
+        with pytest.raises(WeightsUnavailableError, match="could not get the ImageNet weights"):
+            load_backbone_weights(backbone, "resnet50", "imagenet")
+
+    def test_missing_file(self, tmp_path):
+        backbone = build_backbone("mobilenetv2", alpha=0.35)
+        with pytest.raises(WeightsUnavailableError, match="file not found: .*nope.h5"):
+            load_backbone_weights(backbone, "mobilenetv2", tmp_path / "nope.h5", alpha=0.35)
