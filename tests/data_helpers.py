@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import tensorflow as tf
@@ -10,6 +12,15 @@ from PIL import Image
 
 from deeplab_tf.data import tfrecord
 from deeplab_tf.data.specs import voc_colormap
+
+
+def load_cli(name: str) -> ModuleType:
+    """Imports ``datasets/{name}.py`` by path (a pip package may also be called datasets)."""
+    path = Path(__file__).resolve().parents[1] / "datasets" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"deeplab_datasets_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def write_jpeg(path: Path, rgb: np.ndarray) -> None:
