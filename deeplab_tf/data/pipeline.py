@@ -41,11 +41,13 @@ def read_examples(
     input_context: tf.distribute.InputContext | None = None,
     shuffle_files_seed: int | None = None,
     shuffle_files: bool = False,
+    interleave: bool = True,
 ) -> tf.data.Dataset:
     """Parsed (undecoded) examples of a split, sharded for ``input_context``.
 
     Files are sharded across input pipelines when there are enough of them, records
-    otherwise, so every pipeline sees a disjoint part of the split.
+    otherwise, so every pipeline sees a disjoint part of the split. Without
+    ``interleave`` the records come in file order (shard 0 first).
     """
     files = tfrecord.list_shards(data_dir, split)
     ds = tf.data.Dataset.from_tensor_slices(files)
@@ -59,7 +61,7 @@ def read_examples(
         ds = ds.shuffle(len(files), seed=shuffle_files_seed, reshuffle_each_iteration=True)
     ds = ds.interleave(
         tf.data.TFRecordDataset,
-        cycle_length=min(len(files), 4),
+        cycle_length=min(len(files), 4) if interleave else 1,
         num_parallel_calls=AUTOTUNE,
         deterministic=True,
     )
@@ -175,7 +177,7 @@ def eval_dataset(
     input_context: tf.distribute.InputContext | None = None,
     mean_pixel: Sequence[float] = IMAGENET_MEAN_RGB,
 ) -> tf.data.Dataset:
-    """The evaluation pipeline over whole images, in file order.
+    """The evaluation pipeline over whole images, in the order they were written.
 
     With ``batch_size == 1`` and no ``pad_to`` it yields (image float32 [1, H, W, 3],
     label int32 [1, H, W]) at each image's own size. Otherwise images are padded (bottom
@@ -186,7 +188,7 @@ def eval_dataset(
     """
     if input_context is not None:
         batch_size = input_context.get_per_replica_batch_size(batch_size)
-    ds = read_examples(data_dir, split, input_context=input_context)
+    ds = read_examples(data_dir, split, input_context=input_context, interleave=False)
 
     def decode(example: dict[str, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
         image, label = tfrecord.decode_example(example)
