@@ -415,14 +415,16 @@ class ASPP(layers.Layer):
 
         norm = dict(bn_momentum=bn_momentum, bn_epsilon=bn_epsilon, sync_batchnorm=sync_batchnorm)
         self.branches = [ConvBNReLU(filters, 1, name="branch_1x1", **norm)]
-        for rate in rates:
+        # Branch names carry the index, not the rate: the rates change with the
+        # output stride and the variables must not.
+        for index, rate in enumerate(rates):
             self.branches.append(
                 ConvBNReLU(
                     filters,
                     3,
                     rate=rate,
                     implementation=implementation,
-                    name=f"branch_3x3_rate{rate}",
+                    name=f"branch_3x3_{index + 1}",
                     **norm,
                 )
             )

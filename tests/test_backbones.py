@@ -161,7 +161,9 @@ class TestWeights:
         ours = build_backbone("resnet50", output_stride=16, weights=str(path))
         for name in ("conv1_conv", "conv4_block6_2_conv", "conv5_block3_3_bn"):
             for a, b in zip(
-                ours.get_layer(name).get_weights(), source.get_layer(name).get_weights()
+                ours.get_layer(name).get_weights(),
+                source.get_layer(name).get_weights(),
+                strict=True,
             ):
                 np.testing.assert_array_equal(a, b)
 
@@ -208,5 +210,5 @@ class TestWeights:
 
     def test_missing_file(self, tmp_path):
         backbone = build_backbone("mobilenetv2", alpha=0.35)
-        with pytest.raises(WeightsUnavailableError, match="file not found: .*nope.h5"):
+        with pytest.raises(WeightsUnavailableError, match=r"file not found: .*nope\.h5"):
             load_backbone_weights(backbone, "mobilenetv2", tmp_path / "nope.h5", alpha=0.35)

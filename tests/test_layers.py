@@ -220,9 +220,9 @@ class TestASPP:
         assert y.shape == (2, 9, 7, 8)
         assert [b.name for b in aspp.branches] == [
             "branch_1x1",
-            "branch_3x3_rate2",
-            "branch_3x3_rate4",
-            "branch_3x3_rate6",
+            "branch_3x3_1",
+            "branch_3x3_2",
+            "branch_3x3_3",
             "image_pooling",
         ]
         assert [b.conv.rate for b in aspp.branches[1:4]] == [2, 4, 6]
