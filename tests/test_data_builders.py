@@ -144,6 +144,15 @@ def test_cityscapes_label_ids_become_official_train_ids(tmp_path):
             assert r["format"] == "png" and r["image_bytes"] == path.read_bytes()
             np.testing.assert_array_equal(r["label"], official[label_ids[r["filename"]]])
     assert build_cityscapes.main([*argv[:4], "--quiet"]) == 2  # count check: 3 of 2975
+    # Coarse annotations (optional) are written as coarse_{split}.
+    stem = "frankfurt_000000_000294"
+    write_png(
+        root / "gtCoarse" / "val" / "frankfurt" / f"{stem}_gtCoarse_labelIds.png",
+        33 - label_ids[stem],
+    )
+    assert build_cityscapes.main([*argv, "--coarse", "--splits", "val"]) == 0
+    (coarse,) = read_records(out, "coarse_val")
+    np.testing.assert_array_equal(coarse["label"], official[33 - label_ids[stem]])
 
 
 @pytest.mark.parametrize("mask_kind", ["index", "palette", "rgb"])

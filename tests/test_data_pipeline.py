@@ -151,6 +151,9 @@ def test_eval_batch_one_is_whole_images_in_file_order(data):
     ds = pipeline.eval_dataset(data_dir, "train")
     out = list(ds)
     assert len(out) == 6 == pipeline.num_examples(data_dir, "train")
+    assert pipeline.dataset_spec(data_dir) == SPECS["shapes"]
+    with pytest.raises(ValueError, match="no split 'val'; built: train"):
+        pipeline.num_examples(data_dir, "val")
     for (image, label), src, lab in zip(out, images, labels, strict=True):
         np.testing.assert_array_equal(image[0], src.astype(np.float32))
         np.testing.assert_array_equal(label[0], lab)

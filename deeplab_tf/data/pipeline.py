@@ -17,7 +17,7 @@ from pathlib import Path
 import tensorflow as tf
 
 from deeplab_tf.data import augment, tfrecord
-from deeplab_tf.data.specs import IGNORE_LABEL
+from deeplab_tf.data.specs import IGNORE_LABEL, DatasetSpec, spec_from_dict
 from deeplab_tf.layers import IMAGENET_MEAN_RGB
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -221,4 +221,12 @@ def eval_dataset(
 
 def num_examples(data_dir: str | Path, split: str) -> int:
     """Examples in a split, from the manifest (for ``steps_per_epoch``)."""
-    return int(tfrecord.read_manifest(data_dir)["splits"][split]["num_examples"])
+    splits = tfrecord.read_manifest(data_dir)["splits"]
+    if split not in splits:
+        raise ValueError(f"{data_dir}: no split {split!r}; built: {', '.join(sorted(splits))}")
+    return int(splits[split]["num_examples"])
+
+
+def dataset_spec(data_dir: str | Path) -> DatasetSpec:
+    """The dataset declaration a TFRecord directory was built with (classes, colours)."""
+    return spec_from_dict(tfrecord.read_manifest(data_dir)["dataset"])
