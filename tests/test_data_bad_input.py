@@ -154,3 +154,13 @@ def test_existing_output_needs_overwrite_and_failed_rebuild_keeps_it(folder, cap
     write_jpeg(folder / "images" / "c.jpg", np.full((6, 8, 3), 9, np.uint8))
     assert _run(folder, capsys, "--overwrite")[0] == 0
     assert read_records(out, "train")[2]["image"].max() < 30
+
+
+def test_output_directory_of_another_dataset_is_refused_before_writing(folder, capsys):
+    assert _run(folder, capsys)[0] == 0
+    out = folder / "out"
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    pairs = sources.folder_pairs(folder / "images", folder / "masks")
+    with pytest.raises(BadInputError, match="holds dataset 'shapes'; use another output"):
+        build_split(pairs, SPECS["pascal_voc_2012"], out, "val")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before

@@ -210,6 +210,10 @@ def build_split(
         where = f" (listed in {p.listed_in})" if p.listed_in else ""
         more = f"; {len(missing)} pairs have missing files" if len(missing) > 1 else ""
         raise BadInputError(f"{path}: file does not exist{where}{more}")
+    try:  # before anything is written: one dataset per output directory
+        tfrecord.check_manifest_dataset(out_dir, spec.to_dict())
+    except ValueError as e:
+        raise BadInputError(str(e)) from None
     num_shards = num_shards or max(1, math.ceil(len(pairs) / DEFAULT_EXAMPLES_PER_SHARD))
     num_shards = min(num_shards, len(pairs))
     n = spec.num_classes

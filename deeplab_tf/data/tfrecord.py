@@ -225,13 +225,8 @@ def read_manifest(data_dir: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def write_manifest_split(
-    data_dir: str | Path, dataset: dict[str, Any], split: str, entry: dict[str, Any]
-) -> dict[str, Any]:
-    """Adds or replaces one split's entry in ``manifest.json`` (atomic replace).
-
-    ``dataset`` is the spec's ``to_dict()``; a directory holds one dataset only.
-    """
+def check_manifest_dataset(data_dir: str | Path, dataset: dict[str, Any]) -> dict[str, Any]:
+    """The directory's manifest (or a new empty one); ValueError if it holds another dataset."""
     path = Path(data_dir) / MANIFEST
     manifest = {"schema_version": SCHEMA_VERSION, "dataset": dataset, "splits": {}}
     if path.is_file():
@@ -240,6 +235,18 @@ def write_manifest_split(
             name = old.get("dataset", {}).get("name")
             raise ValueError(f"{path}: holds dataset {name!r}; use another output directory")
         manifest["splits"] = old.get("splits", {})
+    return manifest
+
+
+def write_manifest_split(
+    data_dir: str | Path, dataset: dict[str, Any], split: str, entry: dict[str, Any]
+) -> dict[str, Any]:
+    """Adds or replaces one split's entry in ``manifest.json`` (atomic replace).
+
+    ``dataset`` is the spec's ``to_dict()``; a directory holds one dataset only.
+    """
+    path = Path(data_dir) / MANIFEST
+    manifest = check_manifest_dataset(data_dir, dataset)
     manifest["splits"][split] = entry
     manifest["splits"] = dict(sorted(manifest["splits"].items()))
     tmp = path.with_name(f".{MANIFEST}.tmp-{os.getpid()}")
