@@ -94,3 +94,28 @@ def build_model(
     if upsample_logits:
         logits = ResizeBilinear(name="upsample")([logits, inputs])
     return keras.Model(inputs, logits, name=variant.name)
+
+
+def describe_model(
+    variant: str | Variant,
+    num_classes: int,
+    output_stride: int | None = None,
+    input_size: tuple[int, int] = (513, 513),
+) -> str:
+    """A readable report of a variant: its settings, paper, layers, parameters and
+    the logits' size for one ``input_size`` image (built and run on zeros)."""
+    if isinstance(variant, str):
+        variant = get_variant(variant)
+    model = build_model(variant, num_classes, output_stride=output_stride, upsample_logits=False)
+    lines = [f"{model.name}: {variant.paper}"]
+    for field in dataclasses.fields(variant):
+        if field.name not in ("name", "paper"):
+            lines.append(f"  {field.name}: {getattr(variant, field.name)}")
+    model.summary(print_fn=lambda line, **_: lines.append(line))
+    logits = model(keras.ops.zeros((1, *input_size, 3)), training=False)
+    stride = output_stride or variant.output_stride
+    lines.append(
+        f"input {input_size[0]}x{input_size[1]} -> logits {logits.shape[1]}x{logits.shape[2]}"
+        f"x{logits.shape[3]} at output stride {stride} (upsampled to the input size in the model)"
+    )
+    return "\n".join(lines)
