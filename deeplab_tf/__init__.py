@@ -1,10 +1,10 @@
 """deeplab_tf: DeepLab semantic segmentation in Keras 3 / TensorFlow 2.
 
-Importing the package registers its layers, so ``keras.models.load_model`` can
-read the ``.keras`` files it writes.
+Importing the package registers its layers, loss, metric, optimizer and
+schedules, so ``keras.models.load_model`` can read the ``.keras`` files it writes.
 """
 
-from deeplab_tf import layers
+from deeplab_tf import layers, losses, metrics, schedules
 from deeplab_tf.model import DEFAULT_ATROUS_IMPLEMENTATION, build_model
 from deeplab_tf.variants import VARIANTS, Variant, get_variant
 
@@ -15,4 +15,7 @@ __all__ = [
     "build_model",
     "get_variant",
     "layers",
+    "losses",
+    "metrics",
+    "schedules",
 ]

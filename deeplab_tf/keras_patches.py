@@ -1,0 +1,100 @@
+"""The one place where deeplab_tf changes Keras: ``model.fit`` under MultiWorkerMirroredStrategy.
+
+Out of the box (Keras 3.x with TensorFlow, keras-team/keras issue 20585) ``fit``
+under ``MultiWorkerMirroredStrategy`` fails twice:
+
+1. ``TensorFlowTrainer._maybe_symbolic_build`` builds the model from the first
+   batch reduced with ``strategy.reduce("MEAN", batch, axis=None)``: a collective
+   over the *data* of all workers, which fails on integer labels and is not
+   needed, since only one replica's shapes are wanted.
+2. ``reduce_per_replica(..., reduction="mean")`` calls
+   ``strategy.reduce("MEAN", v, axis=0)`` on every logged value under a
+   multi-worker strategy, and the loss is a scalar, which has no axis 0.
+
+The patch replaces those two spots; it checks first that Keras still has the
+code it was written against and raises otherwise, so a Keras upgrade that
+changes them fails loudly instead of silently running different code.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import keras
+import tensorflow as tf
+
+# Snippets of the code the patch replaces, as found in Keras 3.15.
+_SYMBOLIC_BUILD_SNIPPET = (
+    'data_batch = self.distribute_strategy.reduce(\n                        "MEAN",'
+)
+_REDUCE_SNIPPET = 'return strategy.reduce("MEAN", v, axis=0)'
+
+_applied = False
+
+
+class KerasPatchError(RuntimeError):
+    """Keras changed under the multi-worker patch; it must be re-checked."""
+
+
+def _check_source(function, snippet: str) -> None:
+    source = inspect.getsource(function)
+    if snippet not in source:
+        raise KerasPatchError(
+            f"keras {keras.__version__} changed {function.__qualname__}: the "
+            "MultiWorkerMirroredStrategy patch in deeplab_tf/keras_patches.py "
+            "(keras-team/keras issue 20585) must be re-checked against it"
+        )
+
+
+def patch_keras_for_multi_worker() -> None:
+    """Makes ``model.fit`` work under ``MultiWorkerMirroredStrategy`` (idempotent).
+
+    Raises:
+        KerasPatchError: Keras no longer has the code this patch replaces.
+    """
+    global _applied
+    if _applied:
+        return
+    from keras.src import tree
+    from keras.src.backend.tensorflow import trainer as tf_trainer
+
+    trainer_cls = tf_trainer.TensorFlowTrainer
+    _check_source(trainer_cls._maybe_symbolic_build, _SYMBOLIC_BUILD_SNIPPET)
+    _check_source(tf_trainer.reduce_per_replica, _REDUCE_SNIPPET)
+    original_reduce = tf_trainer.reduce_per_replica
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        if self._distribute_strategy is None:
+            return
+        if iterator is not None:
+            for _, _, it in iterator:
+                batch = next(it)
+                # Shapes are all the build needs: one local replica's batch.
+                data_batch = tree.map_structure(
+                    lambda x: (
+                        self.distribute_strategy.experimental_local_results(x)[0]
+                        if isinstance(x, tf.distribute.DistributedValues)
+                        else x
+                    ),
+                    batch,
+                )
+                break
+        with self.distribute_strategy.scope():
+            self._symbolic_build(data_batch=data_batch)
+
+    def reduce_per_replica(values, strategy, reduction):
+        if reduction in ("auto", "mean") and tf_trainer._collective_all_reduce_multi_worker(
+            strategy
+        ):
+
+            def _mean(v):
+                local = strategy.experimental_local_results(v)[0]
+                # Scalars (the loss) have no axis 0 to reduce over.
+                return strategy.reduce("MEAN", v, axis=0 if local.shape.rank else None)
+
+            return tree.map_structure(_mean, values)
+        return original_reduce(values, strategy, reduction)
+
+    trainer_cls._maybe_symbolic_build = _maybe_symbolic_build
+    tf_trainer.reduce_per_replica = reduce_per_replica
+    _applied = True

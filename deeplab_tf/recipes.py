@@ -1,0 +1,157 @@
+"""Training protocols as data: a page of numbers from each paper.
+
+A ``Recipe`` holds everything ``train.py`` needs besides the architecture; every
+command-line flag overrides one field. ``default_recipe(variant, dataset)`` picks
+the paper's protocol for a variant, or the CPU protocol of the built-in
+``shapes`` dataset.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from deeplab_tf.variants import get_variant
+
+LR_POLICIES = ("poly", "step")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One training protocol.
+
+    Attributes:
+        name: registry key (``train.py --recipe NAME``).
+        paper: where the numbers come from.
+        dataset, train_split, val_split: data (a spec name; splits of its TFRecords).
+        crop_size: training crop (513 in v3; 321 in v1/v2).
+        batch_size: global batch size.
+        steps: training iterations.
+        output_stride: training output stride.
+        learning_rate, lr_policy, lr_power: poly: lr (1 - step / steps) ^ power.
+        lr_step_size, lr_step_gamma: step policy: lr * gamma ^ (step // step_size).
+        momentum, weight_decay: SGD momentum; L2 on convolution kernels.
+        classifier_lr_multiplier: learning-rate factor of the final classifier.
+        bn_momentum, freeze_bn: batch norm decay; freeze (inference mode) in fine-tuning.
+        min_scale, max_scale, scale_step: random scale augmentation.
+        upsample_logits: v3: logits upsampled to the labels for the loss; v1/v2:
+            labels subsampled to the logits.
+        bootstrap_hard_classes: duplicate images with the dataset's hard classes (v3).
+        checkpoint_every: steps between backups, logs and validations.
+    """
+
+    name: str
+    paper: str
+    dataset: str
+    train_split: str
+    val_split: str
+    crop_size: int
+    batch_size: int
+    steps: int
+    output_stride: int
+    learning_rate: float
+    lr_policy: str = "poly"
+    lr_power: float = 0.9
+    lr_step_size: int = 2000
+    lr_step_gamma: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    classifier_lr_multiplier: float = 1.0
+    bn_momentum: float = 0.9997
+    freeze_bn: bool = False
+    min_scale: float = 0.5
+    max_scale: float = 2.0
+    scale_step: float = 0.25
+    upsample_logits: bool = True
+    bootstrap_hard_classes: bool = False
+    checkpoint_every: int = 1000
+
+    def __post_init__(self):
+        if self.lr_policy not in LR_POLICIES:
+            raise ValueError(
+                f"lr_policy must be one of {list(LR_POLICIES)}, got {self.lr_policy!r}"
+            )
+
+
+def _registry(*recipes: Recipe) -> dict[str, Recipe]:
+    table: dict[str, Recipe] = {}
+    for recipe in recipes:
+        if recipe.name in table:
+            raise ValueError(f"recipe {recipe.name!r} is declared twice")
+        table[recipe.name] = recipe
+    return table
+
+
+RECIPES: dict[str, Recipe] = _registry(
+    # v3 section 4.1: trainaug, OS16, batch 16, 513 crops, poly from 0.007, 30K steps,
+    # BN decay 0.9997 trained; random scale 0.5..2.0 and flips.
+    Recipe(
+        name="v3-voc-trainaug",
+        paper="DeepLab v3, section 4.1 (training protocol), stage 1",
+        dataset="pascal_voc_2012",
+        train_split="train_aug",
+        val_split="val",
+        crop_size=513,
+        batch_size=16,
+        steps=30_000,
+        output_stride=16,
+        learning_rate=0.007,
+    ),
+    # v3 section 4.2 (test set): freeze BN, OS8, trainval, lr 0.001, 30K more steps,
+    # images with hard classes duplicated (bootstrapping).
+    Recipe(
+        name="v3-voc-trainval-os8",
+        paper="DeepLab v3, sections 4.1-4.2, stage 2 (start from stage 1 with --init-checkpoint)",
+        dataset="pascal_voc_2012",
+        train_split="trainval",
+        val_split="val",
+        crop_size=513,
+        batch_size=16,
+        steps=30_000,
+        output_stride=8,
+        learning_rate=0.001,
+        freeze_bn=True,
+        bootstrap_hard_classes=True,
+    ),
+    # The built-in dataset on a 2-core CPU: whole 128x128 images, a few minutes.
+    Recipe(
+        name="shapes-cpu",
+        paper="not a paper protocol: the v3 protocol scaled to the built-in shapes dataset",
+        dataset="shapes",
+        train_split="train",
+        val_split="val",
+        crop_size=128,
+        batch_size=16,
+        steps=1500,
+        output_stride=16,
+        learning_rate=0.05,
+        weight_decay=4e-5,
+        bn_momentum=0.99,
+        min_scale=0.75,
+        max_scale=1.5,
+        checkpoint_every=250,
+    ),
+)
+
+# The paper protocol of each variant family.
+_VARIANT_RECIPES = {
+    "deeplabv3": "v3-voc-trainaug",
+    "deeplabv3-resnet50": "v3-voc-trainaug",
+    "deeplabv3-cascade": "v3-voc-trainaug",
+    "deeplabv3-mobilenetv2": "v3-voc-trainaug",
+}
+
+
+def get_recipe(name: str) -> Recipe:
+    """The registered recipe ``name``; a ValueError lists the known ones."""
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; known recipes: {', '.join(RECIPES)}")
+    return RECIPES[name]
+
+
+def default_recipe(variant: str, dataset: str | None) -> Recipe:
+    """The shapes CPU recipe when no dataset (or ``shapes``) is given, else the
+    paper protocol of ``variant``."""
+    get_variant(variant)
+    if dataset in (None, "shapes"):
+        return RECIPES["shapes-cpu"]
+    return RECIPES[_VARIANT_RECIPES.get(variant, "v3-voc-trainaug")]

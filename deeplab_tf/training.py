@@ -1,0 +1,646 @@
+"""Training: the only module that creates a ``tf.distribute`` strategy.
+
+``train(TrainConfig(...))`` runs a recipe (``deeplab_tf.recipes``) on TFRecords
+from the builders with ``model.fit``: poly/step learning rate, momentum SGD with
+L2 on kernels, the v3 loss and a streaming mean IoU validated on full images.
+The model directory holds everything of a run:
+
+    config.json     the resolved settings
+    backup/         BackupAndRestore state: a killed run resumes from here
+    last.keras      the latest weights (every ``checkpoint_every`` steps)
+    best.keras      the weights with the best validation mean IoU
+    history.csv     one row per ``checkpoint_every`` steps
+    logs/           TensorBoard scalars (loss, learning rate, mIoU) and images
+    results.json    final validation scores (mIoU, per-class IoU, accuracies)
+
+Every file is written to a temporary name and renamed, so a kill never leaves a
+half-written checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from deeplab_tf.backbones import transfer_weights
+from deeplab_tf.data import pipeline
+from deeplab_tf.data.shapes import ensure_shapes_tfrecords
+from deeplab_tf.data.specs import DatasetSpec, get_spec
+from deeplab_tf.data.tfrecord import read_manifest
+from deeplab_tf.keras_patches import patch_keras_for_multi_worker
+from deeplab_tf.losses import (
+    CLASS_WEIGHT_METHODS,
+    SoftmaxCrossEntropy,
+    class_weights_from_frequencies,
+)
+from deeplab_tf.metrics import MeanIoU, confusion_matrix_scores
+from deeplab_tf.model import DEFAULT_ATROUS_IMPLEMENTATION, build_model
+from deeplab_tf.recipes import Recipe
+from deeplab_tf.schedules import PolyDecay, StepDecay, build_optimizer
+from deeplab_tf.variants import get_variant
+
+logger = logging.getLogger(__name__)
+
+STRATEGIES = ("auto", "mirrored", "multi_worker", "one_device")
+# Where the built-in dataset is generated when no --data-dir is given.
+DEFAULT_SHAPES_ROOT = Path("data") / "shapes"
+
+
+class TrainingError(ValueError):
+    """A bad training setting or input, reported as one line by the CLI."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything a run needs: a variant, a recipe (the protocol) and run options.
+
+    Attributes:
+        variant: a name in ``deeplab_tf.VARIANTS``.
+        recipe: the training protocol, with any command-line overrides applied.
+        model_dir: where the run writes (see the module docstring).
+        data_dir: TFRecords of the recipe's dataset; None for the built-in shapes
+            dataset, generated under ``data/shapes`` on first use.
+        dataset: a spec name or a custom spec file; it must match the manifest.
+        backbone_weights: None, "imagenet" or a weights file.
+        init_checkpoint: a ``.keras``/``.weights.h5`` file or a model directory to
+            start from (another output stride is fine).
+        strategy: ``auto`` (mirrored over several GPUs, else one device),
+            ``mirrored``, ``multi_worker`` (from ``TF_CONFIG``) or ``one_device``.
+        sync_bn: synchronise batch norm statistics across replicas.
+        mixed_precision: float16 on GPUs, bfloat16 on CPUs.
+        epochs: passes over the training split; replaces the recipe's steps.
+        jit_compile: XLA-compile the train step.
+        class_weights: per-class loss weights, or a method computing them from the
+            manifest's class frequencies (``CLASS_WEIGHT_METHODS``).
+        top_k_percent_pixels, hard_example_mining_step: hard-pixel mining.
+        oversample_classes: class ids whose images are duplicated (v3 bootstrapping;
+            the recipe's ``bootstrap_hard_classes`` adds the dataset's hard classes).
+        seed: seeds weights and data order; None for a random run.
+        atrous_implementation: see ``deeplab_tf.layers.AtrousConv2D``.
+        overwrite: start afresh in a model directory that holds a finished run.
+        verbose: 0 silent, 1 a line every ``log_every`` steps.
+        log_every: steps between progress lines.
+    """
+
+    variant: str
+    recipe: Recipe
+    model_dir: str
+    data_dir: str | None = None
+    dataset: str | None = None
+    backbone_weights: str | None = None
+    init_checkpoint: str | None = None
+    strategy: str = "auto"
+    sync_bn: bool = False
+    mixed_precision: bool = False
+    jit_compile: bool = False
+    class_weights: tuple[float, ...] | str | None = None
+    top_k_percent_pixels: float = 1.0
+    hard_example_mining_step: int = 0
+    oversample_classes: tuple[int, ...] = ()
+    seed: int | None = 0
+    atrous_implementation: str = DEFAULT_ATROUS_IMPLEMENTATION
+    epochs: int | None = None
+    overwrite: bool = False
+    verbose: int = 1
+    log_every: int = 50
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# === Strategy ===
+
+
+def create_strategy(name: str = "auto") -> tf.distribute.Strategy:
+    """The distribution strategy ``name`` (see ``TrainConfig.strategy``).
+
+    Without GPUs, ``mirrored`` mirrors over the logical CPU devices (tests split the
+    CPU in two with ``tf.config.set_logical_device_configuration``).
+    """
+    if name not in STRATEGIES:
+        raise TrainingError(f"--strategy must be one of {list(STRATEGIES)}, got {name!r}")
+    gpus = tf.config.list_logical_devices("GPU")
+    if name == "multi_worker":
+        if "TF_CONFIG" not in os.environ:
+            raise TrainingError("--strategy multi_worker needs the TF_CONFIG environment variable")
+        patch_keras_for_multi_worker()
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if name == "mirrored" or (name == "auto" and len(gpus) > 1):
+        devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
+        return tf.distribute.MirroredStrategy(devices=devices)
+    if name == "one_device":
+        return tf.distribute.OneDeviceStrategy(
+            (gpus or tf.config.list_logical_devices("CPU"))[0].name
+        )
+    return tf.distribute.get_strategy()  # the default: one device, no overhead
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+    """Whether this process writes checkpoints and logs (single process, or the chief)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return True
+    if resolver.task_type == "chief":
+        return True
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    return resolver.task_type == "worker" and resolver.task_id == 0 and not has_chief
+
+
+# === Files ===
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    """Writes ``data`` as JSON to ``path`` through a temporary file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
+        json.dump(data, f, indent=2, default=str)
+        tmp = f.name
+    os.replace(tmp, path)
+
+
+def save_model_atomic(model: keras.Model, path: str | Path) -> None:
+    """``model.save(path)`` through a temporary ``.keras`` file and a rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp.keras")
+    model.save(tmp)
+    os.replace(tmp, path)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A weights file, or the best (else last) model of a model directory."""
+    path = Path(path)
+    if path.is_dir():
+        for name in ("best.keras", "last.keras"):
+            if (path / name).is_file():
+                return path / name
+        raise TrainingError(f"--init-checkpoint {path}: no best.keras or last.keras in it")
+    if not path.is_file():
+        raise TrainingError(f"--init-checkpoint {path}: no such file or directory")
+    return path
+
+
+def load_init_checkpoint(model: keras.Model, path: str | Path) -> None:
+    """Fills ``model`` from a previous stage, whatever its output stride.
+
+    A ``.keras`` file is matched layer by layer by name (the backbone is one
+    layer); a ``.weights.h5`` file is loaded as saved by ``model.save_weights``.
+    """
+    path = resolve_checkpoint(path)
+    if path.suffix == ".keras":
+        source = keras.models.load_model(path, compile=False)
+        report = transfer_weights(source, model)
+        if report.missing:
+            raise TrainingError(
+                f"--init-checkpoint {path}: no weights for layers {', '.join(report.missing)}"
+            )
+    else:
+        model.load_weights(path)
+
+
+def freeze_batch_norm(model: keras.Model) -> int:
+    """Puts every batch norm layer in inference mode with fixed parameters (v3 stage 2)."""
+    count = 0
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.trainable = False
+            count += 1
+    return count
+
+
+# === Data ===
+
+
+def resolve_data(config: TrainConfig) -> tuple[Path, DatasetSpec]:
+    """The TFRecord directory and dataset spec of a run, generating shapes if needed."""
+    recipe = config.recipe
+    if config.data_dir is None:
+        if recipe.dataset != "shapes" or config.dataset not in (None, "shapes"):
+            raise TrainingError(
+                f"--data-dir is required for dataset {config.dataset or recipe.dataset!r} "
+                "(TFRecords from datasets/build_*.py)"
+            )
+        data_dir = ensure_shapes_tfrecords(DEFAULT_SHAPES_ROOT)
+        print(f"no --data-dir given: training on the built-in shapes dataset in {data_dir}")
+    else:
+        data_dir = Path(config.data_dir)
+        if not data_dir.is_dir():
+            raise TrainingError(f"--data-dir {data_dir}: no such directory")
+    try:
+        manifest = read_manifest(data_dir)
+        spec = pipeline.dataset_spec(data_dir)
+        for split in (recipe.train_split, recipe.val_split):
+            if pipeline.num_examples(data_dir, split) < 1:
+                raise TrainingError(f"--data-dir {data_dir}: split {split!r} is empty")
+    except ValueError as error:
+        raise TrainingError(str(error).splitlines()[0]) from error
+    if config.dataset is not None:
+        wanted = get_spec(config.dataset)
+        if wanted.name != spec.name:
+            raise TrainingError(
+                f"--dataset {config.dataset} does not match {data_dir}, built from {spec.name!r}"
+            )
+    if manifest is None:
+        raise TrainingError(f"--data-dir {data_dir}: no manifest.json")
+    return data_dir, spec
+
+
+def _class_weights(config: TrainConfig, data_dir: Path, num_classes: int) -> list[float] | None:
+    if config.class_weights is None:
+        return None
+    if isinstance(config.class_weights, str):
+        if config.class_weights not in CLASS_WEIGHT_METHODS:
+            raise TrainingError(
+                f"--class-weights must be numbers or one of {list(CLASS_WEIGHT_METHODS)}"
+            )
+        split = read_manifest(data_dir)["splits"][config.recipe.train_split]
+        frequencies = split["class_pixel_frequency"]
+        return list(class_weights_from_frequencies(frequencies, method=config.class_weights))
+    if len(config.class_weights) != num_classes:
+        raise TrainingError(
+            f"--class-weights has {len(config.class_weights)} values, the dataset has "
+            f"{num_classes} classes"
+        )
+    return list(config.class_weights)
+
+
+# === Callbacks ===
+
+
+class ProgressLogger(keras.callbacks.Callback):
+    """One line every ``every`` steps: step, loss, learning rate, images/s."""
+
+    def __init__(self, every: int, batch_size: int, total_steps: int, first_step: int = 0):
+        super().__init__()
+        self.every = every
+        self.batch_size = batch_size
+        self.total_steps = total_steps
+        self.step = first_step
+        self._start = None
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self._start is None:  # skip the first step: it includes tracing
+            self._start, self._start_step = time.perf_counter(), self.step
+        self.step += 1
+        if self.step % self.every == 0 or self.step == self.total_steps:
+            elapsed = time.perf_counter() - self._start
+            done = self.step - self._start_step
+            rate = done * self.batch_size / elapsed if elapsed > 0 and done else 0.0
+            lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+            print(
+                f"step {self.step}/{self.total_steps} loss {logs.get('loss', float('nan')):.4f} "
+                f"lr {lr:.2e} {rate:.1f} images/s",
+                flush=True,
+            )
+
+
+class TerminateOnNaNWithAdvice(keras.callbacks.Callback):
+    """Stops training when the loss is NaN or infinite, and says what to try."""
+
+    def __init__(self):
+        super().__init__()
+        self.stopped_at: int | None = None
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            self.stopped_at = batch
+            self.model.stop_training = True
+            print(
+                f"loss is {loss} at batch {batch}: training stopped. Try a lower "
+                "--learning-rate, training without --mixed-precision, or check that the "
+                "labels hold only class ids and 255.",
+                file=sys.stderr,
+                flush=True,
+            )
+
+
+class AtomicCheckpoints(keras.callbacks.Callback):
+    """``last.keras`` every epoch and ``best.keras`` on a new best ``monitor``, atomically."""
+
+    def __init__(self, model_dir: Path, monitor: str = "val_mean_iou"):
+        super().__init__()
+        self.model_dir = model_dir
+        self.monitor = monitor
+        best_file = model_dir / "best.json"
+        self.best = json.loads(best_file.read_text())["value"] if best_file.is_file() else -1.0
+
+    def on_epoch_end(self, epoch, logs=None):
+        save_model_atomic(self.model, self.model_dir / "last.keras")
+        value = (logs or {}).get(self.monitor)
+        if value is not None and value > self.best:
+            self.best = float(value)
+            save_model_atomic(self.model, self.model_dir / "best.keras")
+            write_json_atomic(
+                self.model_dir / "best.json",
+                {"epoch": epoch + 1, self.monitor: value, "value": value},
+            )
+
+
+class PredictionImages(keras.callbacks.Callback):
+    """TensorBoard images of a few validation predictions in the dataset's colours."""
+
+    def __init__(self, log_dir: Path, images: np.ndarray, labels: np.ndarray, palette: np.ndarray):
+        super().__init__()
+        self.writer = tf.summary.create_file_writer(str(log_dir / "images"))
+        self.images = images
+        self.labels = labels
+        self.palette = tf.constant(palette, tf.uint8)
+
+    def _colour(self, label: tf.Tensor) -> tf.Tensor:
+        return tf.gather(self.palette, tf.cast(label, tf.int32))
+
+    def on_epoch_end(self, epoch, logs=None):
+        logits = self.model.predict_on_batch(self.images)
+        prediction = tf.argmax(logits, axis=-1)
+        panels = tf.concat(
+            [tf.cast(self.images, tf.uint8), self._colour(self.labels), self._colour(prediction)],
+            axis=2,
+        )
+        with self.writer.as_default():
+            tf.summary.image("image | label | prediction", panels, step=epoch + 1, max_outputs=4)
+        self.writer.flush()
+
+
+# === Training ===
+
+
+def _build(config: TrainConfig, num_classes: int, replicas: int, class_weights, total_steps):
+    recipe = config.recipe
+    model = build_model(
+        config.variant,
+        num_classes,
+        output_stride=recipe.output_stride,
+        backbone_weights=config.backbone_weights,
+        upsample_logits=recipe.upsample_logits,
+        atrous_implementation=config.atrous_implementation,
+        bn_momentum=recipe.bn_momentum,
+        sync_batchnorm=config.sync_bn and replicas > 1,
+    )
+    if config.init_checkpoint:
+        load_init_checkpoint(model, config.init_checkpoint)
+    if recipe.freeze_bn:
+        freeze_batch_norm(model)
+    if recipe.lr_policy == "poly":
+        schedule = PolyDecay(recipe.learning_rate, total_steps, power=recipe.lr_power)
+    else:
+        schedule = StepDecay(recipe.learning_rate, recipe.lr_step_size, gamma=recipe.lr_step_gamma)
+    multipliers = (
+        {"logits": recipe.classifier_lr_multiplier}
+        if recipe.classifier_lr_multiplier != 1
+        else None
+    )
+    optimizer = build_optimizer(
+        schedule,
+        momentum=recipe.momentum,
+        weight_decay=recipe.weight_decay,
+        lr_multipliers=multipliers,
+    )
+    loss = SoftmaxCrossEntropy(
+        upsample_logits=recipe.upsample_logits,
+        class_weights=class_weights,
+        top_k_percent_pixels=config.top_k_percent_pixels,
+        hard_example_mining_step=config.hard_example_mining_step,
+    )
+    model.compile(
+        optimizer=optimizer,
+        loss=loss,
+        metrics=[MeanIoU(num_classes, name="mean_iou")],
+        jit_compile=config.jit_compile,
+    )
+    loss.set_step_source(optimizer.iterations)
+    return model
+
+
+def check_config(config: TrainConfig, replicas: int) -> None:
+    """One-line errors for settings that cannot work."""
+    recipe = config.recipe
+    get_variant(config.variant)
+    if recipe.crop_size < recipe.output_stride:
+        raise TrainingError(
+            f"--crop-size {recipe.crop_size} is smaller than the output stride "
+            f"{recipe.output_stride}"
+        )
+    if recipe.batch_size < 1 or recipe.batch_size % replicas:
+        raise TrainingError(
+            f"--batch-size {recipe.batch_size} is not divisible by the {replicas} replicas "
+            "(the batch size is global)"
+        )
+    if recipe.steps < 1 or recipe.checkpoint_every < 1:
+        raise TrainingError("--steps and the checkpoint interval must be positive")
+
+
+def train(config: TrainConfig) -> dict[str, Any]:
+    """Runs ``config``; returns the final validation scores (also in results.json).
+
+    Raises:
+        TrainingError: a bad setting or input (one line, naming the flag or file).
+    """
+    model_dir = Path(config.model_dir)
+    if (model_dir / "results.json").exists() and not (model_dir / "backup").exists():
+        if not config.overwrite:
+            raise TrainingError(
+                f"--model-dir {model_dir} holds a finished run; pass --overwrite or choose "
+                "another directory"
+            )
+    if config.seed is not None:
+        keras.utils.set_random_seed(config.seed)
+    if config.mixed_precision:
+        gpu = bool(tf.config.list_logical_devices("GPU"))
+        keras.mixed_precision.set_global_policy("mixed_float16" if gpu else "mixed_bfloat16")
+
+    strategy = create_strategy(config.strategy)
+    replicas = strategy.num_replicas_in_sync
+    check_config(config, replicas)
+    data_dir, spec = resolve_data(config)
+    recipe = config.recipe
+    if config.epochs is not None:
+        if config.epochs < 1:
+            raise TrainingError(f"--epochs must be positive, got {config.epochs}")
+        examples = pipeline.num_examples(data_dir, recipe.train_split)
+        recipe = dataclasses.replace(
+            recipe, steps=config.epochs * math.ceil(examples / recipe.batch_size)
+        )
+        config = dataclasses.replace(config, recipe=recipe)
+    num_classes = spec.num_classes
+
+    chief = is_chief(strategy)
+    # Non-chief workers write to a scratch directory (Keras's multi-worker convention).
+    write_dir = model_dir if chief else Path(tempfile.mkdtemp(prefix="deeplab_worker_"))
+    write_dir.mkdir(parents=True, exist_ok=True)
+
+    steps_per_epoch = min(recipe.checkpoint_every, recipe.steps)
+    epochs = math.ceil(recipe.steps / steps_per_epoch)
+    total_steps = epochs * steps_per_epoch
+    if chief:
+        resolved = {**config.to_dict(), "data_dir": str(data_dir), "total_steps": total_steps}
+        write_json_atomic(write_dir / "config.json", resolved)
+    if config.verbose:
+        print(f"training {config.variant} with recipe {recipe.name} ({recipe.paper})")
+        for key, value in dataclasses.asdict(recipe).items():
+            print(f"  {key}: {value}")
+        print(f"  replicas: {replicas}, total steps: {total_steps}, model dir: {model_dir}")
+
+    class_weights = _class_weights(config, data_dir, num_classes)
+    with strategy.scope():
+        model = _build(config, num_classes, replicas, class_weights, total_steps)
+
+    oversample = tuple(config.oversample_classes)
+    if recipe.bootstrap_hard_classes:
+        oversample = tuple(sorted(set(oversample) | set(spec.hard_class_ids)))
+
+    def train_input(context: tf.distribute.InputContext | None = None) -> tf.data.Dataset:
+        return pipeline.train_dataset(
+            data_dir,
+            recipe.train_split,
+            batch_size=recipe.batch_size,
+            crop_size=recipe.crop_size,
+            min_scale=recipe.min_scale,
+            max_scale=recipe.max_scale,
+            scale_step=recipe.scale_step,
+            seed=config.seed,
+            oversample_classes=oversample,
+            input_context=context,
+        )
+
+    if replicas > 1:
+        train_data = strategy.distribute_datasets_from_function(train_input)
+        # Padded batches of one image per replica; padding is labelled 255, so the
+        # valid mask is dropped.
+        val_data = pipeline.eval_dataset(data_dir, recipe.val_split, batch_size=replicas)
+        val_data = val_data.map(lambda image, label, valid: (image, label))
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = (
+            tf.data.experimental.AutoShardPolicy.DATA
+        )
+        val_data = val_data.with_options(options)
+    else:
+        train_data = train_input()
+        val_data = pipeline.eval_dataset(data_dir, recipe.val_split)
+
+    samples = list(pipeline.eval_dataset(data_dir, recipe.val_split).take(4))
+    same_size = len({tuple(x.shape) for x, _ in samples}) == 1
+    callbacks: list[keras.callbacks.Callback] = [
+        keras.callbacks.BackupAndRestore(str(write_dir / "backup"), double_checkpoint=True),
+        TerminateOnNaNWithAdvice(),
+        keras.callbacks.CSVLogger(str(write_dir / "history.csv"), append=True),
+        keras.callbacks.TensorBoard(str(write_dir / "logs"), write_graph=False),
+        AtomicCheckpoints(write_dir),
+    ]
+    if same_size and chief:
+        images = np.concatenate([x.numpy() for x, _ in samples])
+        labels = np.concatenate([y.numpy() for _, y in samples])
+        callbacks.append(PredictionImages(write_dir / "logs", images, labels, spec.palette()))
+    first_step = _backed_up_epoch(write_dir / "backup") * steps_per_epoch
+    if first_step and config.verbose:
+        print(f"resuming from the backup in {write_dir / 'backup'} at step {first_step}")
+    if config.verbose:
+        callbacks.append(
+            ProgressLogger(config.log_every, recipe.batch_size, total_steps, first_step)
+        )
+
+    model.fit(
+        train_data,
+        epochs=epochs,
+        steps_per_epoch=steps_per_epoch,
+        validation_data=val_data,
+        callbacks=callbacks,
+        shuffle=False,  # the pipeline shuffles
+        verbose=0,
+    )
+    if model.stop_training and not model.optimizer.iterations.numpy() >= total_steps:
+        raise TrainingError("training stopped early: the loss became NaN (see above)")
+
+    metric = MeanIoU(num_classes)
+    for image, label in pipeline.eval_dataset(data_dir, recipe.val_split):
+        metric.update_state(label, model(image, training=False))
+    scores = {
+        k: np.asarray(v).tolist()
+        for k, v in confusion_matrix_scores(metric.confusion_matrix).items()
+    }
+    results = {
+        "variant": config.variant,
+        "recipe": recipe.name,
+        "split": recipe.val_split,
+        "steps": int(model.optimizer.iterations.numpy()),
+        "class_names": list(spec.class_names),
+        **scores,
+    }
+    if chief:
+        write_json_atomic(write_dir / "results.json", results)
+    if config.verbose:
+        print(format_results(results))
+    return results
+
+
+def _backed_up_epoch(backup_dir: Path) -> int:
+    metadata = backup_dir / "training_metadata.json"
+    if not metadata.is_file():
+        return 0
+    return int(json.loads(metadata.read_text()).get("epoch", 0))
+
+
+def format_results(results: dict[str, Any]) -> str:
+    """A Markdown table of per-class IoU and the summary scores."""
+    lines = ["| class | IoU |", "|---|---|"]
+    for name, iou in zip(results["class_names"], results["per_class_iou"], strict=True):
+        lines.append(f"| {name} | {'-' if iou is None or np.isnan(iou) else f'{100 * iou:.2f}'} |")
+    for key in ("mean_iou", "pixel_accuracy", "mean_class_accuracy", "frequency_weighted_iou"):
+        lines.append(f"| **{key}** | {100 * results[key]:.2f} |")
+    return "\n".join(lines)
+
+
+def parse_class_weights(text: str | None) -> tuple[float, ...] | str | None:
+    """``--class-weights``: comma-separated numbers or a method name."""
+    if text is None:
+        return None
+    if text in CLASS_WEIGHT_METHODS:
+        return text
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError as error:
+        raise TrainingError(
+            "--class-weights must be comma-separated numbers or one of "
+            f"{list(CLASS_WEIGHT_METHODS)}"
+        ) from error
+
+
+def parse_int_list(text: str | None, flag: str) -> tuple[int, ...]:
+    if not text:
+        return ()
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError as error:
+        raise TrainingError(f"{flag} must be comma-separated integers, got {text!r}") from error
+
+
+def recipe_with_overrides(recipe: Recipe, overrides: dict[str, Any]) -> Recipe:
+    """``recipe`` with every non-None override; unknown keys are an error (strict)."""
+    fields = {f.name for f in dataclasses.fields(Recipe)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise TrainingError(f"unknown recipe fields {unknown}")
+    return dataclasses.replace(recipe, **{k: v for k, v in overrides.items() if v is not None})
+
+
+__all__: Sequence[str] = [
+    "STRATEGIES",
+    "TrainConfig",
+    "TrainingError",
+    "create_strategy",
+    "format_results",
+    "train",
+]
