@@ -38,7 +38,7 @@ _SPLIT_STREAMS = {"train": 0, "val": 1}  # independent random streams per split
 
 
 def _texture(rng: np.random.Generator, size: int) -> np.ndarray:
-    """A random RGB texture float32 [size, size, 3]; returns it and its mean colour."""
+    """A random RGB texture [size, size, 3] (float, 0..255): two random colours in a pattern."""
     kind = rng.choice(["solid", "stripes", "checker", "noise", "gradient"])
     c1, c2 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
     y, x = np.mgrid[0:size, 0:size].astype(np.float32)
@@ -108,8 +108,10 @@ def render_example(rng: np.random.Generator, size: int = 128) -> tuple[np.ndarra
     for _ in range(int(rng.integers(1, 6))):
         for _attempt in range(20):
             cls = int(rng.integers(1, SPEC.num_classes))
-            # Log-uniform extent radius: diameter from 10 px to half the image.
-            r = float(np.exp(rng.uniform(np.log(5), np.log(size / 4))))
+            # Extent radius uniform in [5, size/4]: diameters from 10 px to half the image,
+            # most objects large enough to learn at output stride 16 (log-uniform was too
+            # dominated by tiny objects for a from-scratch CPU model).
+            r = float(rng.uniform(5, size / 4))
             cy, cx = rng.uniform(r * 0.6, size - r * 0.6, 2)
             mask = _shape_mask(cls, size, cy, cx, r, rng.uniform(0, 2 * np.pi))
             trial = np.where(mask, len(areas), owner)
