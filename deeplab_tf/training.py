@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -50,7 +51,7 @@ from deeplab_tf.metrics import MeanIoU, confusion_matrix_scores
 from deeplab_tf.model import DEFAULT_ATROUS_IMPLEMENTATION, build_model
 from deeplab_tf.recipes import Recipe
 from deeplab_tf.schedules import PolyDecay, StepDecay, build_optimizer
-from deeplab_tf.variants import get_variant
+from deeplab_tf.variants import Variant, get_variant
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ class TrainConfig:
     """Everything a run needs: a variant, a recipe (the protocol) and run options.
 
     Attributes:
-        variant: a name in ``deeplab_tf.VARIANTS``.
+        variant: a name in ``deeplab_tf.VARIANTS`` (or a ``Variant``).
         recipe: the training protocol, with any command-line overrides applied.
         model_dir: where the run writes (see the module docstring).
         data_dir: TFRecords of the recipe's dataset; None for the built-in shapes
@@ -95,7 +96,7 @@ class TrainConfig:
         log_every: steps between progress lines.
     """
 
-    variant: str
+    variant: str | Variant
     recipe: Recipe
     model_dir: str
     data_dir: str | None = None
@@ -119,6 +120,10 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def variant_name(self) -> str:
+        return self.variant if isinstance(self.variant, str) else self.variant.name
 
 
 # === Strategy ===
@@ -378,8 +383,20 @@ class PredictionImages(keras.callbacks.Callback):
 # === Training ===
 
 
-def _build(config: TrainConfig, num_classes: int, replicas: int, class_weights, total_steps):
+def compile_model(
+    config: TrainConfig,
+    num_classes: int,
+    replicas: int = 1,
+    class_weights: Sequence[float] | None = None,
+    total_steps: int | None = None,
+) -> keras.Model:
+    """The model of ``config``, compiled with its loss, optimizer and mean IoU.
+
+    Call inside the strategy's scope. ``total_steps`` (default: the recipe's steps)
+    is the length of the poly schedule.
+    """
     recipe = config.recipe
+    total_steps = total_steps or recipe.steps
     model = build_model(
         config.variant,
         num_classes,
@@ -428,7 +445,8 @@ def _build(config: TrainConfig, num_classes: int, replicas: int, class_weights, 
 def check_config(config: TrainConfig, replicas: int) -> None:
     """One-line errors for settings that cannot work."""
     recipe = config.recipe
-    get_variant(config.variant)
+    if isinstance(config.variant, str):
+        get_variant(config.variant)
     if recipe.crop_size < recipe.output_stride:
         raise TrainingError(
             f"--crop-size {recipe.crop_size} is smaller than the output stride "
@@ -456,6 +474,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 f"--model-dir {model_dir} holds a finished run; pass --overwrite or choose "
                 "another directory"
             )
+        shutil.rmtree(model_dir)  # asked for: the finished run goes, nothing of it is mixed in
     if config.seed is not None:
         keras.utils.set_random_seed(config.seed)
     if config.mixed_precision:
@@ -489,14 +508,14 @@ def train(config: TrainConfig) -> dict[str, Any]:
         resolved = {**config.to_dict(), "data_dir": str(data_dir), "total_steps": total_steps}
         write_json_atomic(write_dir / "config.json", resolved)
     if config.verbose:
-        print(f"training {config.variant} with recipe {recipe.name} ({recipe.paper})")
+        print(f"training {config.variant_name} with recipe {recipe.name} ({recipe.paper})")
         for key, value in dataclasses.asdict(recipe).items():
             print(f"  {key}: {value}")
         print(f"  replicas: {replicas}, total steps: {total_steps}, model dir: {model_dir}")
 
     class_weights = _class_weights(config, data_dir, num_classes)
     with strategy.scope():
-        model = _build(config, num_classes, replicas, class_weights, total_steps)
+        model = compile_model(config, num_classes, replicas, class_weights, total_steps)
 
     oversample = tuple(config.oversample_classes)
     if recipe.bootstrap_hard_classes:
@@ -557,6 +576,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         epochs=epochs,
         steps_per_epoch=steps_per_epoch,
         validation_data=val_data,
+        validation_steps=math.ceil(pipeline.num_examples(data_dir, recipe.val_split) / replicas),
         callbacks=callbacks,
         shuffle=False,  # the pipeline shuffles
         verbose=0,
@@ -572,7 +592,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         for k, v in confusion_matrix_scores(metric.confusion_matrix).items()
     }
     results = {
-        "variant": config.variant,
+        "variant": config.variant_name,
         "recipe": recipe.name,
         "split": recipe.val_split,
         "steps": int(model.optimizer.iterations.numpy()),

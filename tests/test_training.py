@@ -1,0 +1,273 @@
+import dataclasses
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import train
+from deeplab_tf import get_variant
+from deeplab_tf.data.shapes import ensure_shapes_tfrecords
+from deeplab_tf.recipes import get_recipe
+from deeplab_tf.training import TrainConfig, TrainingError, check_config
+from deeplab_tf.training import train as run_training
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dataclasses.replace(
+    get_variant("deeplabv3-mobilenetv2"), name="tiny", alpha=0.35, head_filters=16
+)
+# A few dozen steps on whole 48x48 images.
+TINY_RECIPE = dataclasses.replace(
+    get_recipe("shapes-cpu"),
+    crop_size=48,
+    batch_size=8,
+    steps=60,
+    checkpoint_every=30,
+    min_scale=1.0,
+    max_scale=1.0,
+    learning_rate=0.02,
+)
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(ROOT)}
+
+
+@pytest.fixture(scope="module")
+def tiny_shapes(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("shapes")
+    return ensure_shapes_tfrecords(root, num_train=24, num_val=8, image_size=48)
+
+
+def _history(model_dir: Path) -> list[dict[str, float]]:
+    lines = (model_dir / "history.csv").read_text().splitlines()
+    keys = lines[0].split(",")
+    return [dict(zip(keys, map(float, line.split(",")), strict=True)) for line in lines[1:]]
+
+
+def test_loss_falls_and_miou_beats_chance(tiny_shapes, tmp_path):
+    """Fits the training images: the loss falls and the mean IoU beats predicting
+    the majority class everywhere (the chance level of this metric)."""
+    config = TrainConfig(
+        variant=TINY,
+        recipe=dataclasses.replace(TINY_RECIPE, val_split="train"),
+        model_dir=str(tmp_path / "run"),
+        data_dir=str(tiny_shapes),
+        verbose=0,
+    )
+    results = run_training(config)
+    history = _history(tmp_path / "run")
+    assert history[-1]["loss"] < 0.7 * history[0]["loss"]
+    frequency = json.loads((tiny_shapes / "manifest.json").read_text())["splits"]["train"]
+    frequency = np.array(frequency["class_pixel_frequency"])
+    chance = frequency.max() / len(frequency)  # all background: IoU = its frequency, others 0
+    assert results["mean_iou"] > chance + 0.05, (results["mean_iou"], chance)
+    assert results["steps"] == 60
+    for name in ("best.keras", "last.keras", "results.json", "config.json", "history.csv"):
+        assert (tmp_path / "run" / name).is_file()
+
+
+def test_finished_run_is_not_overwritten(tiny_shapes, tmp_path):
+    model_dir = tmp_path / "run"
+    model_dir.mkdir()
+    (model_dir / "results.json").write_text("{}")
+    config = TrainConfig(TINY, TINY_RECIPE, str(model_dir), data_dir=str(tiny_shapes), verbose=0)
+    with pytest.raises(TrainingError, match="holds a finished run; pass --overwrite"):
+        run_training(config)
+    assert (model_dir / "results.json").read_text() == "{}"
+
+
+class TestBadInput:
+    def _run(self, capsys, *args):
+        code = train.main(list(args))
+        err = capsys.readouterr().err.strip()
+        return code, err
+
+    @pytest.mark.parametrize(
+        "args, message",
+        [
+            (["--variant", "deeplabv9"], "unknown variant 'deeplabv9'"),
+            (["--dataset", "mnist"], "unknown dataset 'mnist'"),
+            (["--crop-size", "8", "--output-stride", "16"], "--crop-size 8 is smaller than"),
+            (["--recipe", "v3-voc-trainaug"], "--data-dir is required for dataset"),
+        ],
+    )
+    def test_one_line_and_exit_2(self, capsys, tmp_path, args, message):
+        code, err = self._run(capsys, "--model-dir", str(tmp_path / "m"), *args)
+        assert code == 2
+        assert len(err.splitlines()) == 1 and message in err, err
+
+    def test_data_dir_without_shards(self, capsys, tmp_path):
+        empty = tmp_path / "empty"
+        empty.mkdir()
+        code, err = self._run(capsys, "--data-dir", str(empty), "--model-dir", str(tmp_path / "m"))
+        assert code == 2 and len(err.splitlines()) == 1 and str(empty) in err, err
+
+    def test_dataset_that_does_not_match_the_data_dir(self, capsys, tiny_shapes, tmp_path):
+        args = ["--data-dir", str(tiny_shapes), "--dataset", "cityscapes"]
+        code, err = self._run(capsys, *args, "--model-dir", str(tmp_path / "m"))
+        assert code == 2 and "does not match" in err, err
+
+    def test_batch_not_divisible_by_replicas(self):
+        config = TrainConfig(TINY, dataclasses.replace(TINY_RECIPE, batch_size=5), "unused")
+        with pytest.raises(
+            TrainingError, match="--batch-size 5 is not divisible by the 2 replicas"
+        ):
+            check_config(config, replicas=2)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _train_command(data_dir: Path, model_dir: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "--variant",
+        "deeplabv3-mobilenetv2",
+        "--data-dir",
+        str(data_dir),
+        "--model-dir",
+        str(model_dir),
+        "--crop-size",
+        "48",
+        "--batch-size",
+        "4",
+        "--log-every",
+        "5",
+        *extra,
+    ]
+
+
+def test_killed_run_resumes_from_its_backup(tiny_shapes, tmp_path):
+    model_dir = tmp_path / "run"
+    command = _train_command(tiny_shapes, model_dir, "--steps", "40", "--checkpoint-every", "10")
+    metadata = model_dir / "backup" / "training_metadata.json"
+    process = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and process.poll() is None:
+            if metadata.is_file() and json.loads(metadata.read_text())["epoch"] >= 2:
+                break
+            time.sleep(0.2)
+        assert process.poll() is None, process.stderr.read().decode()[-2000:]
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.kill()
+        process.wait()
+    recorded = 10 * json.loads(metadata.read_text())["epoch"]
+    assert 20 <= recorded < 40
+
+    result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"at step {recorded}" in result.stdout
+    # The optimizer's step count came back with the backup: 40 in total, not 40 + recorded.
+    assert json.loads((model_dir / "results.json").read_text())["steps"] == 40
+    assert (model_dir / "last.keras").is_file()
+    assert not (model_dir / "backup").exists()  # removed once the run finished
+
+
+TWO_DEVICE_FIRST_STEP = textwrap.dedent(
+    """
+    import dataclasses, json, sys
+    import numpy as np, tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    from deeplab_tf import get_variant
+    from deeplab_tf.recipes import get_recipe
+    from deeplab_tf.training import TrainConfig, compile_model, create_strategy
+
+    variant = dataclasses.replace(
+        get_variant("deeplabv3-mobilenetv2"), name="tiny", alpha=0.35, head_filters=8
+    )
+    recipe = dataclasses.replace(get_recipe("shapes-cpu"), batch_size=4)
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 255, (4, 33, 33, 3)).astype("float32")
+    y = rng.integers(0, 3, (4, 33, 33)).astype("int32")
+    y[1, :10] = 255
+    data = tf.data.Dataset.from_tensors((x, y))
+    losses = {}
+    weights = None
+    for name, sync in (("single", False), ("mirrored_sync", True), ("mirrored", False)):
+        strategy = create_strategy("mirrored" if name.startswith("mirrored") else "auto")
+        config = TrainConfig(variant, recipe, "unused", sync_bn=sync)
+        with strategy.scope():
+            model = compile_model(config, num_classes=3, replicas=strategy.num_replicas_in_sync)
+        if weights is None:
+            weights = model.get_weights()
+        model.set_weights(weights)
+        history = model.fit(data, epochs=1, verbose=0)
+        losses[name] = (strategy.num_replicas_in_sync, history.history["loss"][0])
+    print(json.dumps(losses))
+    """
+)
+
+
+def test_mirrored_sync_bn_first_step_matches_one_device():
+    """Two logical CPUs with synchronised batch norm see the statistics of the whole
+    batch, so the first loss equals single-device training on that batch."""
+    result = subprocess.run(
+        [sys.executable, "-c", TWO_DEVICE_FIRST_STEP],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    losses = json.loads(result.stdout.strip().splitlines()[-1])
+    assert losses["single"][0] == 1 and losses["mirrored_sync"][0] == 2
+    np.testing.assert_allclose(losses["mirrored_sync"][1], losses["single"][1], rtol=1e-4)
+    # Without synchronisation each replica normalises its half: a different loss.
+    assert abs(losses["mirrored"][1] - losses["single"][1]) > 1e-3
+
+
+def test_two_multi_worker_processes(tiny_shapes, tmp_path):
+    """Two MultiWorkerMirroredStrategy workers on 127.0.0.1 train a few steps."""
+    ports = [_free_port(), _free_port()]
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
+    model_dir = tmp_path / "run"
+    processes = []
+    try:
+        for index in range(2):
+            env = {
+                **ENV,
+                "TF_CONFIG": json.dumps(
+                    {"cluster": cluster, "task": {"type": "worker", "index": index}}
+                ),
+            }
+            command = _train_command(
+                tiny_shapes,
+                model_dir,
+                "--steps",
+                "6",
+                "--checkpoint-every",
+                "3",
+                "--strategy",
+                "multi_worker",
+            )
+            processes.append(
+                subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            )
+        outputs = []
+        deadline = time.time() + 300
+        for process in processes:
+            output, _ = process.communicate(timeout=max(1, deadline - time.time()))
+            outputs.append(output.decode())
+    finally:
+        for process in processes:  # a worker whose peer died blocks forever: always kill
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    for process, output in zip(processes, outputs, strict=True):
+        assert process.returncode == 0, output[-3000:]
+    assert "replicas: 2" in outputs[0]
+    results = json.loads((model_dir / "results.json").read_text())
+    assert results["steps"] == 6
+    assert (model_dir / "last.keras").is_file()
