@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from deeplab_tf.variants import get_variant
 
 LR_POLICIES = ("poly", "step")
+OPTIMIZERS = ("sgd", "adam")
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,7 @@ class Recipe:
         batch_size: global batch size.
         steps: training iterations.
         output_stride: training output stride.
+        optimizer: ``"sgd"`` (momentum SGD, every paper) or ``"adam"`` (CPU recipes).
         learning_rate, lr_policy, lr_power: poly: lr (1 - step / steps) ^ power.
         lr_step_size, lr_step_gamma: step policy: lr * gamma ^ (step // step_size).
         momentum, weight_decay: SGD momentum; L2 on convolution kernels.
@@ -49,6 +51,7 @@ class Recipe:
     steps: int
     output_stride: int
     learning_rate: float
+    optimizer: str = "sgd"
     lr_policy: str = "poly"
     lr_power: float = 0.9
     lr_step_size: int = 2000
@@ -66,6 +69,8 @@ class Recipe:
     checkpoint_every: int = 1000
 
     def __post_init__(self):
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.lr_policy not in LR_POLICIES:
             raise ValueError(
                 f"lr_policy must be one of {list(LR_POLICIES)}, got {self.lr_policy!r}"

@@ -420,12 +420,15 @@ def compile_model(
         if recipe.classifier_lr_multiplier != 1
         else None
     )
-    optimizer = build_optimizer(
-        schedule,
-        momentum=recipe.momentum,
-        weight_decay=recipe.weight_decay,
-        lr_multipliers=multipliers,
-    )
+    if recipe.optimizer == "adam":
+        optimizer = keras.optimizers.Adam(schedule)
+    else:
+        optimizer = build_optimizer(
+            schedule,
+            momentum=recipe.momentum,
+            weight_decay=recipe.weight_decay,
+            lr_multipliers=multipliers,
+        )
     loss = SoftmaxCrossEntropy(
         upsample_logits=recipe.upsample_logits,
         class_weights=class_weights,
