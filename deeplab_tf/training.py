@@ -232,6 +232,7 @@ def freeze_batch_norm(model: keras.Model) -> int:
 def resolve_data(config: TrainConfig) -> tuple[Path, DatasetSpec]:
     """The TFRecord directory and dataset spec of a run, generating shapes if needed."""
     recipe = config.recipe
+    wanted = None if config.dataset is None else get_spec(config.dataset)
     if config.data_dir is None:
         if recipe.dataset != "shapes" or config.dataset not in (None, "shapes"):
             raise TrainingError(
@@ -245,21 +246,17 @@ def resolve_data(config: TrainConfig) -> tuple[Path, DatasetSpec]:
         if not data_dir.is_dir():
             raise TrainingError(f"--data-dir {data_dir}: no such directory")
     try:
-        manifest = read_manifest(data_dir)
+        read_manifest(data_dir)
         spec = pipeline.dataset_spec(data_dir)
-        for split in (recipe.train_split, recipe.val_split):
-            if pipeline.num_examples(data_dir, split) < 1:
-                raise TrainingError(f"--data-dir {data_dir}: split {split!r} is empty")
-    except ValueError as error:
-        raise TrainingError(str(error).splitlines()[0]) from error
-    if config.dataset is not None:
-        wanted = get_spec(config.dataset)
-        if wanted.name != spec.name:
+        if wanted is not None and wanted.name != spec.name:
             raise TrainingError(
                 f"--dataset {config.dataset} does not match {data_dir}, built from {spec.name!r}"
             )
-    if manifest is None:
-        raise TrainingError(f"--data-dir {data_dir}: no manifest.json")
+        for split in (recipe.train_split, recipe.val_split):
+            if pipeline.num_examples(data_dir, split) < 1:
+                raise TrainingError(f"--data-dir {data_dir}: split {split!r} is empty")
+    except ValueError as error:  # read_manifest names the file and what is wrong
+        raise TrainingError(str(error).splitlines()[0]) from error
     return data_dir, spec
 
 
