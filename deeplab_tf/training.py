@@ -144,8 +144,15 @@ def create_strategy(name: str = "auto") -> tf.distribute.Strategy:
         patch_keras_for_multi_worker()
         return tf.distribute.MultiWorkerMirroredStrategy()
     if name == "mirrored" or (name == "auto" and len(gpus) > 1):
-        devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
-        return tf.distribute.MirroredStrategy(devices=devices)
+        if gpus:
+            return tf.distribute.MirroredStrategy(devices=[d.name for d in gpus])
+        # On CPU devices the collective all-reduces of synchronised batch norm (three
+        # independent ones per layer) can start in different orders on different
+        # replicas and abort; reducing through one device orders them.
+        return tf.distribute.MirroredStrategy(
+            devices=[d.name for d in tf.config.list_logical_devices("CPU")],
+            cross_device_ops=tf.distribute.ReductionToOneDevice(),
+        )
     if name == "one_device":
         return tf.distribute.OneDeviceStrategy(
             (gpus or tf.config.list_logical_devices("CPU"))[0].name
