@@ -1,7 +1,7 @@
 """The one place where deeplab_tf changes Keras: ``model.fit`` under MultiWorkerMirroredStrategy.
 
 Out of the box (Keras 3.x with TensorFlow, keras-team/keras issue 20585) ``fit``
-under ``MultiWorkerMirroredStrategy`` fails twice:
+under ``MultiWorkerMirroredStrategy`` fails three times:
 
 1. ``TensorFlowTrainer._maybe_symbolic_build`` builds the model from the first
    batch reduced with ``strategy.reduce("MEAN", batch, axis=None)``: a collective
@@ -10,6 +10,9 @@ under ``MultiWorkerMirroredStrategy`` fails twice:
 2. ``reduce_per_replica(..., reduction="mean")`` calls
    ``strategy.reduce("MEAN", v, axis=0)`` on every logged value under a
    multi-worker strategy, and the loss is a scalar, which has no axis 0.
+3. ``_maybe_symbolic_build`` also takes a batch from the iterator at every
+   ``evaluate`` of ``fit``, built or not: with ``validation_steps`` the validation
+   iterator runs dry at the second epoch.
 
 The patch replaces those two spots; it checks first that Keras still has the
 code it was written against and raises otherwise, so a Keras upgrade that
@@ -66,7 +69,14 @@ def patch_keras_for_multi_worker() -> None:
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         if self._distribute_strategy is None:
             return
-        if iterator is not None:
+        needs_data = not all(layer.built for layer in self._flatten_layers()) or any(
+            part is not None and not part.built
+            for part in (self._compile_metrics, self._compile_loss)
+        )
+        # Keras takes a batch on every call, even when all is built: from the
+        # validation iterator of fit that loses a batch per epoch and, with
+        # validation_steps, runs the iterator dry (StopIteration) at the second epoch.
+        if iterator is not None and needs_data:
             for _, _, it in iterator:
                 batch = next(it)
                 # Shapes are all the build needs: one local replica's batch.

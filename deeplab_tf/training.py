@@ -137,12 +137,14 @@ def create_strategy(name: str = "auto") -> tf.distribute.Strategy:
     """
     if name not in STRATEGIES:
         raise TrainingError(f"--strategy must be one of {list(STRATEGIES)}, got {name!r}")
-    gpus = tf.config.list_logical_devices("GPU")
     if name == "multi_worker":
         if "TF_CONFIG" not in os.environ:
             raise TrainingError("--strategy multi_worker needs the TF_CONFIG environment variable")
         patch_keras_for_multi_worker()
+        # Must come before anything initialises the TensorFlow runtime (even listing
+        # devices): collectives are configured at startup.
         return tf.distribute.MultiWorkerMirroredStrategy()
+    gpus = tf.config.list_logical_devices("GPU")
     if name == "mirrored" or (name == "auto" and len(gpus) > 1):
         if gpus:
             return tf.distribute.MirroredStrategy(devices=[d.name for d in gpus])
@@ -373,7 +375,9 @@ class PredictionImages(keras.callbacks.Callback):
         return tf.gather(self.palette, tf.cast(label, tf.int32))
 
     def on_epoch_end(self, epoch, logs=None):
-        logits = self.model.predict_on_batch(self.images)
+        # A plain call, not predict_on_batch: under a multi-worker strategy that one
+        # gathers across workers, and only the chief runs this callback.
+        logits = self.model(self.images, training=False)
         prediction = tf.argmax(logits, axis=-1)
         panels = tf.concat(
             [tf.cast(self.images, tf.uint8), self._colour(self.labels), self._colour(prediction)],
@@ -482,13 +486,12 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 "another directory"
             )
         shutil.rmtree(model_dir)  # asked for: the finished run goes, nothing of it is mixed in
+    strategy = create_strategy(config.strategy)  # first: multi-worker needs a fresh runtime
     if config.seed is not None:
         keras.utils.set_random_seed(config.seed)
     if config.mixed_precision:
         gpu = bool(tf.config.list_logical_devices("GPU"))
         keras.mixed_precision.set_global_policy("mixed_float16" if gpu else "mixed_bfloat16")
-
-    strategy = create_strategy(config.strategy)
     replicas = strategy.num_replicas_in_sync
     check_config(config, replicas)
     data_dir, spec = resolve_data(config)
