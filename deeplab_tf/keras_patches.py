@@ -1,7 +1,8 @@
-"""The one place where deeplab_tf changes Keras: ``model.fit`` under MultiWorkerMirroredStrategy.
+"""The one place where deeplab_tf changes Keras: ``model.fit`` under ``tf.distribute``.
 
-Out of the box (Keras 3.x with TensorFlow, keras-team/keras issue 20585) ``fit``
-under ``MultiWorkerMirroredStrategy`` fails three times:
+Out of the box (Keras 3.15 with TensorFlow) ``fit`` under a strategy fails three
+times; 1 and 2 are keras-team/keras issue 20585 (``MultiWorkerMirroredStrategy``),
+3 hits every strategy, ``MirroredStrategy`` included:
 
 1. ``TensorFlowTrainer._maybe_symbolic_build`` builds the model from the first
    batch reduced with ``strategy.reduce("MEAN", batch, axis=None)``: a collective
@@ -44,13 +45,13 @@ def _check_source(function, snippet: str) -> None:
     if snippet not in source:
         raise KerasPatchError(
             f"keras {keras.__version__} changed {function.__qualname__}: the "
-            "MultiWorkerMirroredStrategy patch in deeplab_tf/keras_patches.py "
+            "distribution patch in deeplab_tf/keras_patches.py "
             "(keras-team/keras issue 20585) must be re-checked against it"
         )
 
 
-def patch_keras_for_multi_worker() -> None:
-    """Makes ``model.fit`` work under ``MultiWorkerMirroredStrategy`` (idempotent).
+def patch_keras_for_distribution() -> None:
+    """Makes ``model.fit`` work under distribution strategies (idempotent).
 
     Raises:
         KerasPatchError: Keras no longer has the code this patch replaces.

@@ -41,7 +41,7 @@ from deeplab_tf.data import pipeline
 from deeplab_tf.data.shapes import ensure_shapes_tfrecords
 from deeplab_tf.data.specs import DatasetSpec, get_spec
 from deeplab_tf.data.tfrecord import read_manifest
-from deeplab_tf.keras_patches import patch_keras_for_multi_worker
+from deeplab_tf.keras_patches import patch_keras_for_distribution
 from deeplab_tf.losses import (
     CLASS_WEIGHT_METHODS,
     SoftmaxCrossEntropy,
@@ -140,11 +140,13 @@ def create_strategy(name: str = "auto") -> tf.distribute.Strategy:
     if name == "multi_worker":
         if "TF_CONFIG" not in os.environ:
             raise TrainingError("--strategy multi_worker needs the TF_CONFIG environment variable")
-        patch_keras_for_multi_worker()
+        patch_keras_for_distribution()
         # Must come before anything initialises the TensorFlow runtime (even listing
         # devices): collectives are configured at startup.
         return tf.distribute.MultiWorkerMirroredStrategy()
     gpus = tf.config.list_logical_devices("GPU")
+    if name in ("mirrored", "one_device") or len(gpus) > 1:
+        patch_keras_for_distribution()
     if name == "mirrored" or (name == "auto" and len(gpus) > 1):
         if gpus:
             return tf.distribute.MirroredStrategy(devices=[d.name for d in gpus])
