@@ -12,7 +12,8 @@ $(VENV)/.installed: requirements.txt
 	touch $@
 
 quickstart: $(VENV)/.installed
-	$(PY) describe.py --variant deeplabv3-mobilenetv2 --num-classes 21
+	$(PY) train.py --variant deeplabv3-mobilenetv2-cpu --class-weights inverse_sqrt \
+		--model-dir runs/quickstart --overwrite --log-every 200
 
 test: $(VENV)/.installed
 	$(PY) -m ruff check .

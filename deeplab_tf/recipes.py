@@ -117,23 +117,28 @@ RECIPES: dict[str, Recipe] = _registry(
         freeze_bn=True,
         bootstrap_hard_classes=True,
     ),
-    # The built-in dataset on a 2-core CPU: whole 128x128 images, a few minutes.
+    # The built-in dataset on a 2-core CPU (``make quickstart``, variant
+    # deeplabv3-mobilenetv2-cpu): whole 96x96 images at output stride 8 (at 16 the
+    # 6x6 logits cap the mean IoU of even perfect features near 0.8), Adam from
+    # scratch, batch norm decay short enough for the moving statistics to follow.
+    # About 8 minutes of training on 2 cores.
     Recipe(
         name="shapes-cpu",
         paper="not a paper protocol: the v3 protocol scaled to the built-in shapes dataset",
         dataset="shapes",
         train_split="train",
         val_split="val",
-        crop_size=128,
+        crop_size=96,
         batch_size=16,
-        steps=1500,
-        output_stride=16,
-        learning_rate=0.05,
+        steps=1800,
+        output_stride=8,
+        optimizer="adam",
+        learning_rate=0.002,
         weight_decay=4e-5,
-        bn_momentum=0.99,
+        bn_momentum=0.9,
         min_scale=0.75,
         max_scale=1.5,
-        checkpoint_every=250,
+        checkpoint_every=600,
     ),
 )
 

@@ -95,6 +95,18 @@ VARIANTS: dict[str, Variant] = _registry(
         backbone="mobilenetv2",
         paper="DeepLab v3 head on MobileNetV2 (Sandler et al. 2018, section 6.3; no v3 figure)",
     ),
+    # The quickstart model (``make quickstart``, recipe shapes-cpu): MobileNetV2 at half
+    # width, a narrow ASPP and rates scaled to 96-pixel images (at output stride 8 the
+    # features are 12x12, where the paper's rates 12/24/36 would see only padding).
+    Variant(
+        name="deeplabv3-mobilenetv2-cpu",
+        backbone="mobilenetv2",
+        output_stride=8,
+        alpha=0.5,
+        head_filters=64,
+        aspp_rates=(1, 2, 3),
+        paper="not a paper model: the v3 head on a half-width MobileNetV2 sized for a 2-core CPU",
+    ),
 )
 
 

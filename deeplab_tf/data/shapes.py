@@ -30,7 +30,7 @@ from deeplab_tf.data.specs import IGNORE_LABEL, SPECS
 
 SPEC = SPECS["shapes"]
 PARAMS_FILE = "shapes.json"
-DEFAULTS = {"num_train": 400, "num_val": 100, "image_size": 128, "seed": 0}
+DEFAULTS = {"num_train": 400, "num_val": 100, "image_size": 96, "seed": 0}
 _SPLIT_STREAMS = {"train": 0, "val": 1}  # independent random streams per split
 
 
@@ -97,7 +97,9 @@ def ignore_band(label: np.ndarray) -> np.ndarray:
     return np.where(border, IGNORE_LABEL, label).astype(np.uint8)
 
 
-def render_example(rng: np.random.Generator, size: int = 128) -> tuple[np.ndarray, np.ndarray]:
+def render_example(
+    rng: np.random.Generator, size: int = DEFAULTS["image_size"]
+) -> tuple[np.ndarray, np.ndarray]:
     """One image (uint8 [size, size, 3]) and its label (uint8 [size, size], 255 band)."""
     background = _texture(rng, size)
     image = background.copy()
