@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from deeplab_tf.registry import lookup, make_registry
 from deeplab_tf.variants import get_variant
 
 LR_POLICIES = ("poly", "step")
@@ -77,16 +78,8 @@ class Recipe:
             )
 
 
-def _registry(*recipes: Recipe) -> dict[str, Recipe]:
-    table: dict[str, Recipe] = {}
-    for recipe in recipes:
-        if recipe.name in table:
-            raise ValueError(f"recipe {recipe.name!r} is declared twice")
-        table[recipe.name] = recipe
-    return table
-
-
-RECIPES: dict[str, Recipe] = _registry(
+RECIPES: dict[str, Recipe] = make_registry(
+    "recipe",
     # v3 section 4.1: trainaug, OS16, batch 16, 513 crops, poly from 0.007, 30K steps,
     # BN decay 0.9997 trained; random scale 0.5..2.0 and flips.
     Recipe(
@@ -153,9 +146,7 @@ _VARIANT_RECIPES = {
 
 def get_recipe(name: str) -> Recipe:
     """The registered recipe ``name``; a ValueError lists the known ones."""
-    if name not in RECIPES:
-        raise ValueError(f"unknown recipe {name!r}; known recipes: {', '.join(RECIPES)}")
-    return RECIPES[name]
+    return lookup(RECIPES, "recipe", name)
 
 
 def default_recipe(variant: str, dataset: str | None) -> Recipe:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from deeplab_tf.backbones import BACKBONES, check_output_stride
 from deeplab_tf.backbones.resnet import MAX_CASCADE_BLOCKS
+from deeplab_tf.registry import lookup, make_registry
 
 HEADS = ("aspp", "none")
 
@@ -58,16 +59,8 @@ class Variant:
         return tuple(max(1, round(rate * 16 / output_stride)) for rate in self.aspp_rates)
 
 
-def _registry(*variants: Variant) -> dict[str, Variant]:
-    table: dict[str, Variant] = {}
-    for variant in variants:
-        if variant.name in table:
-            raise ValueError(f"variant {variant.name!r} is declared twice")
-        table[variant.name] = variant
-    return table
-
-
-VARIANTS: dict[str, Variant] = _registry(
+VARIANTS: dict[str, Variant] = make_registry(
+    "variant",
     Variant(
         name="deeplabv3",
         backbone="resnet101",
@@ -112,6 +105,4 @@ VARIANTS: dict[str, Variant] = _registry(
 
 def get_variant(name: str) -> Variant:
     """The registered variant ``name``; a ValueError lists the known ones."""
-    if name not in VARIANTS:
-        raise ValueError(f"unknown variant {name!r}; known variants: {', '.join(VARIANTS)}")
-    return VARIANTS[name]
+    return lookup(VARIANTS, "variant", name)
