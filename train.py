@@ -49,6 +49,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--top-k-percent-pixels", type=float, default=1.0)
     p.add_argument("--hard-example-mining-step", type=int, default=0)
     p.add_argument("--oversample-classes", help="comma-separated class ids to duplicate")
+    p.add_argument(
+        "--atrous-implementation",
+        choices=("dilated", "space_to_batch", "direct"),
+        help="how atrous convolutions run (same weights; see README benchmarks)",
+    )
     p.add_argument("--mixed-precision", action="store_true")
     p.add_argument("--jit-compile", action="store_true")
     p.add_argument("--strategy", default="auto", help="auto|mirrored|multi_worker|one_device")
@@ -106,6 +111,11 @@ def main(argv: list[str] | None = None) -> int:
                 args.oversample_classes, "--oversample-classes"
             ),
             seed=args.seed,
+            **(
+                {"atrous_implementation": args.atrous_implementation}
+                if args.atrous_implementation
+                else {}
+            ),
             epochs=args.epochs,
             overwrite=args.overwrite,
             verbose=0 if args.quiet else 1,

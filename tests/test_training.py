@@ -28,6 +28,7 @@ TINY_RECIPE = dataclasses.replace(
     get_recipe("shapes-cpu"),
     crop_size=48,
     batch_size=8,
+    output_stride=16,
     steps=150,
     checkpoint_every=75,
     min_scale=1.0,
