@@ -29,7 +29,8 @@ class Recipe:
         batch_size: global batch size.
         steps: training iterations.
         output_stride: training output stride.
-        optimizer: ``"sgd"`` (momentum SGD, every paper) or ``"adam"`` (CPU recipes).
+        optimizer: ``"sgd"`` (momentum SGD, every paper) or ``"adam"`` (CPU recipes;
+            no weight decay or classifier lr multiplier).
         learning_rate, lr_policy, lr_power: poly: lr (1 - step / steps) ^ power.
         lr_step_size, lr_step_gamma: step policy: lr * gamma ^ (step // step_size).
         momentum, weight_decay: SGD momentum; L2 on convolution kernels.
