@@ -462,14 +462,23 @@ class ASPP(layers.Layer):
         }
 
 
+def resize_bilinear_aligned(images, size):
+    """Bilinear resize of float32 [N, h, w, C] to ``size`` (H, W) with corners aligned.
+
+    As in the DeepLab code: with 'same' padding, logit j of a stride-s map sits on
+    input pixel s * j, so for sizes s * k + 1 (513) the mapping is exact.
+    """
+    return tf.raw_ops.ResizeBilinear(
+        images=images, size=size, align_corners=True, half_pixel_centers=False
+    )
+
+
 @_register
 class ResizeBilinear(layers.Layer):
     """Bilinearly resizes ``inputs[0]`` to the runtime spatial size of ``inputs[1]``.
 
-    Corners are aligned, as in the DeepLab code: with 'same' padding, logit j of
-    a stride-s map sits on input pixel s * j, so for sizes s * k + 1 (513) the
-    mapping is exact. The output is float32 so logits stay full precision under
-    mixed precision.
+    Corners are aligned (``resize_bilinear_aligned``). The output is float32 so
+    logits stay full precision under mixed precision.
     """
 
     def __init__(self, **kwargs):
@@ -479,9 +488,7 @@ class ResizeBilinear(layers.Layer):
     def call(self, inputs):
         x, reference = inputs
         size = ops.shape(reference)[1:3]
-        x = tf.raw_ops.ResizeBilinear(
-            images=ops.cast(x, "float32"), size=size, align_corners=True, half_pixel_centers=False
-        )
+        x = resize_bilinear_aligned(ops.cast(x, "float32"), size)
         return ops.cast(x, self.compute_dtype)
 
     def compute_output_shape(self, input_shape):

@@ -20,7 +20,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-IGNORE_LABEL = 255
+from deeplab_tf.data.specs import IGNORE_LABEL
+from deeplab_tf.layers import resize_bilinear_aligned
+
 CLASS_WEIGHT_METHODS = ("inverse", "inverse_sqrt", "median_frequency")
 
 
@@ -75,9 +77,7 @@ def resize_logits_bilinear(logits: tf.Tensor, size: Any) -> tf.Tensor:
     return tf.cond(
         same,
         lambda: logits,
-        lambda: tf.raw_ops.ResizeBilinear(
-            images=logits, size=size, align_corners=True, half_pixel_centers=False
-        ),
+        lambda: resize_bilinear_aligned(logits, size),
     )
 
 
