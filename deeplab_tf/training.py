@@ -36,18 +36,21 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from deeplab_tf import visualize
 from deeplab_tf.backbones import transfer_weights
 from deeplab_tf.data import pipeline
 from deeplab_tf.data.shapes import ensure_shapes_tfrecords
 from deeplab_tf.data.specs import DatasetSpec, get_spec
 from deeplab_tf.data.tfrecord import read_manifest
+from deeplab_tf.evaluation import SCORE_KEYS, evaluate, format_results
+from deeplab_tf.inference import Predictor, resolve_checkpoint
 from deeplab_tf.keras_patches import patch_keras_for_distribution
 from deeplab_tf.losses import (
     CLASS_WEIGHT_METHODS,
     SoftmaxCrossEntropy,
     class_weights_from_frequencies,
 )
-from deeplab_tf.metrics import MeanIoU, confusion_matrix_scores
+from deeplab_tf.metrics import MeanIoU
 from deeplab_tf.model import DEFAULT_ATROUS_IMPLEMENTATION, build_model
 from deeplab_tf.recipes import Recipe
 from deeplab_tf.schedules import PolyDecay, StepDecay, build_optimizer
@@ -196,26 +199,13 @@ def save_model_atomic(model: keras.Model, path: str | Path) -> None:
     os.replace(tmp, path)
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A weights file, or the best (else last) model of a model directory."""
-    path = Path(path)
-    if path.is_dir():
-        for name in ("best.keras", "last.keras"):
-            if (path / name).is_file():
-                return path / name
-        raise TrainingError(f"--init-checkpoint {path}: no best.keras or last.keras in it")
-    if not path.is_file():
-        raise TrainingError(f"--init-checkpoint {path}: no such file or directory")
-    return path
-
-
 def load_init_checkpoint(model: keras.Model, path: str | Path) -> None:
     """Fills ``model`` from a previous stage, whatever its output stride.
 
     A ``.keras`` file is matched layer by layer by name (the backbone is one
     layer); a ``.weights.h5`` file is loaded as saved by ``model.save_weights``.
     """
-    path = resolve_checkpoint(path)
+    path = resolve_checkpoint(path, flag="--init-checkpoint")
     if path.suffix == ".keras":
         source = keras.models.load_model(path, compile=False)
         report = transfer_weights(source, model)
@@ -364,26 +354,28 @@ class AtomicCheckpoints(keras.callbacks.Callback):
 
 
 class PredictionImages(keras.callbacks.Callback):
-    """TensorBoard images of a few validation predictions in the dataset's colours."""
+    """TensorBoard images of a few validation predictions: image | label | prediction
+    panels in the dataset's colours (``deeplab_tf.visualize.panels``)."""
 
     def __init__(self, log_dir: Path, images: np.ndarray, labels: np.ndarray, palette: np.ndarray):
         super().__init__()
         self.writer = tf.summary.create_file_writer(str(log_dir / "images"))
         self.images = images
         self.labels = labels
-        self.palette = tf.constant(palette, tf.uint8)
-
-    def _colour(self, label: tf.Tensor) -> tf.Tensor:
-        return tf.gather(self.palette, tf.cast(label, tf.int32))
+        self.palette = palette
 
     def on_epoch_end(self, epoch, logs=None):
         # A plain call, not predict_on_batch: under a multi-worker strategy that one
         # gathers across workers, and only the chief runs this callback.
         logits = self.model(self.images, training=False)
-        prediction = tf.argmax(logits, axis=-1)
-        panels = tf.concat(
-            [tf.cast(self.images, tf.uint8), self._colour(self.labels), self._colour(prediction)],
-            axis=2,
+        predictions = keras.ops.convert_to_numpy(keras.ops.argmax(logits, axis=-1))
+        panels = np.stack(
+            [
+                visualize.panels(image, [label, prediction], self.palette)
+                for image, label, prediction in zip(
+                    self.images, self.labels, predictions, strict=True
+                )
+            ]
         )
         with self.writer.as_default():
             tf.summary.image("image | label | prediction", panels, step=epoch + 1, max_outputs=4)
@@ -596,20 +588,15 @@ def train(config: TrainConfig) -> dict[str, Any]:
     if model.stop_training and not model.optimizer.iterations.numpy() >= total_steps:
         raise TrainingError("training stopped early: the loss became NaN (see above)")
 
-    metric = MeanIoU(num_classes)
-    for image, label in pipeline.eval_dataset(data_dir, recipe.val_split):
-        metric.update_state(label, model(image, training=False))
-    scores = {
-        k: np.asarray(v).tolist()
-        for k, v in confusion_matrix_scores(metric.confusion_matrix).items()
-    }
+    # The same evaluation as evaluate.py: whole images at the labels' full resolution.
+    evaluation = evaluate(Predictor(model), data_dir, recipe.val_split, progress=False)
+    keys = ("class_names", *SCORE_KEYS, "per_class_iou", "confusion_matrix")
     results = {
         "variant": config.variant_name,
         "recipe": recipe.name,
         "split": recipe.val_split,
         "steps": int(model.optimizer.iterations.numpy()),
-        "class_names": list(spec.class_names),
-        **scores,
+        **{key: evaluation.results[key] for key in keys},
     }
     if chief:
         write_json_atomic(write_dir / "results.json", results)
@@ -623,16 +610,6 @@ def _backed_up_epoch(backup_dir: Path) -> int:
     if not metadata.is_file():
         return 0
     return int(json.loads(metadata.read_text()).get("epoch", 0))
-
-
-def format_results(results: dict[str, Any]) -> str:
-    """A Markdown table of per-class IoU and the summary scores."""
-    lines = ["| class | IoU |", "|---|---|"]
-    for name, iou in zip(results["class_names"], results["per_class_iou"], strict=True):
-        lines.append(f"| {name} | {'-' if iou is None or np.isnan(iou) else f'{100 * iou:.2f}'} |")
-    for key in ("mean_iou", "pixel_accuracy", "mean_class_accuracy", "frequency_weighted_iou"):
-        lines.append(f"| **{key}** | {100 * results[key]:.2f} |")
-    return "\n".join(lines)
 
 
 def parse_class_weights(text: str | None) -> tuple[float, ...] | str | None:

@@ -93,3 +93,75 @@ def numpy_atrous_conv2d_grads(
 
 def _pad(x: np.ndarray, pad: int) -> np.ndarray:
     return np.pad(x.astype(np.float64), ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+
+
+# === Small models for the inference, evaluation and prediction tests ===
+
+
+def tiny_variant():
+    """MobileNetV2 x0.35 with a 16-wide ASPP: a real DeepLab v3 that runs in milliseconds."""
+    import dataclasses
+
+    from deeplab_tf import get_variant
+
+    return dataclasses.replace(
+        get_variant("deeplabv3-mobilenetv2"), name="tiny", alpha=0.35, head_filters=16
+    )
+
+
+def calibrate_batch_norm(model: keras.Model, seed: int = 0, size: int = 64) -> keras.Model:
+    """Random BN affine parameters and moving statistics from one random batch, in every
+    nested layer: with the initial statistics a deep net's logits are nearly constant
+    (about 1e-10), which would hide any spatial or stride error."""
+    rng = np.random.default_rng(seed)
+    batch_norms = [
+        layer
+        for layer in model._flatten_layers(include_self=False, recursive=True)
+        if isinstance(layer, keras.layers.BatchNormalization)
+    ]
+    for layer in batch_norms:
+        c = layer.gamma.shape[0]
+        layer.gamma.assign(rng.uniform(0.8, 1.2, c).astype("float32"))
+        layer.beta.assign(rng.normal(0, 0.1, c).astype("float32"))
+        layer.momentum = 0.0
+    model(rng.uniform(0, 255, size=(2, size, size, 3)).astype("float32"), training=True)
+    for layer in batch_norms:
+        layer.momentum = 0.99
+    return model
+
+
+def tiny_model(num_classes: int, output_stride: int = 16, seed: int = 0) -> keras.Model:
+    """``tiny_variant()`` with calibrated batch norm and a classifier rescaled so that on
+    random images its logits have mean 0 and standard deviation about 2 per class:
+    probabilities neither uniform nor saturated, varying over the image."""
+    from deeplab_tf import build_model
+
+    keras.utils.set_random_seed(seed)
+    model = build_model(tiny_variant(), num_classes, output_stride=output_stride)
+    calibrate_batch_norm(model, seed)
+    classifier = model.get_layer("logits")
+    head = keras.Model(model.inputs, classifier.output)
+    x = np.random.default_rng(seed + 1).uniform(0, 255, (2, 64, 64, 3)).astype("float32")
+    logits = np.asarray(head(x, training=False)).reshape(-1, num_classes)
+    kernel, bias = classifier.get_weights()
+    scale = 2.0 / logits.std(axis=0).mean()
+    classifier.set_weights([kernel * scale, (bias - logits.mean(axis=0)) * scale])
+    return model
+
+
+def write_model_dir(
+    model: keras.Model, model_dir: Path, data_dir: Path | None, output_stride: int = 16
+) -> Path:
+    """A model directory as training leaves it: best.keras and config.json."""
+    import dataclasses
+
+    from deeplab_tf.recipes import get_recipe
+    from deeplab_tf.training import TrainConfig, save_model_atomic, write_json_atomic
+
+    model_dir.mkdir(parents=True, exist_ok=True)
+    save_model_atomic(model, model_dir / "best.keras")
+    recipe = dataclasses.replace(get_recipe("shapes-cpu"), output_stride=output_stride)
+    data_dir = None if data_dir is None else str(data_dir)
+    config = TrainConfig(tiny_variant(), recipe, str(model_dir), data_dir=data_dir)
+    write_json_atomic(model_dir / "config.json", {**config.to_dict(), "data_dir": data_dir})
+    return model_dir

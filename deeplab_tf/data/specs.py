@@ -61,6 +61,8 @@ class DatasetSpec:
             ``ignore_value`` rule when given (Cityscapes labelId -> trainId).
         ignore_color: colour of the ignore label in palettes and RGB masks.
         hard_classes: classes duplicated by v3 bootstrapping (v3 paper, section 4.1).
+        void_boundaries: the annotations carry a band of ignore label along object
+            boundaries (VOC); boundary ("trimap") scores measure from that band.
         reference: where the class list and colours come from.
     """
 
@@ -72,6 +74,7 @@ class DatasetSpec:
     raw_to_class: tuple[tuple[int, int], ...] | None = None
     ignore_color: Color = (224, 224, 192)
     hard_classes: tuple[str, ...] = ()
+    void_boundaries: bool = False
     reference: str = ""
 
     def __post_init__(self) -> None:
@@ -324,6 +327,7 @@ SPECS: dict[str, DatasetSpec] = {
         colors=_voc_colors(21),
         splits=("train", "val", "trainval", "train_aug"),
         hard_classes=("bicycle", "chair", "diningtable", "pottedplant", "sofa"),
+        void_boundaries=True,
         reference="PASCAL VOC 2012 devkit; v1/v2/v3 papers; hard classes: v3 section 4.1",
     ),
     "cityscapes": DatasetSpec(
@@ -360,6 +364,7 @@ SPECS: dict[str, DatasetSpec] = {
         name="shapes",
         class_names=SHAPES_CLASSES,
         colors=_voc_colors(6),
+        void_boundaries=True,
         reference="built-in synthetic dataset, deeplab_tf.data.shapes",
     ),
 }

@@ -1,0 +1,339 @@
+"""Evaluation: the scores of a :class:`~deeplab_tf.inference.Predictor` on a dataset split.
+
+Scores come from confusion matrices accumulated over the whole split at the labels'
+full resolution, with pixels labelled 255 never counted (``deeplab_tf.metrics``:
+mean IoU, per-class IoU, pixel accuracy, mean class accuracy, frequency-weighted IoU).
+
+Boundary accuracy (the "trimap" of the v1 paper, section 5, and v2, Fig. 10): the same
+scores restricted to the pixels within ``w`` pixels of a boundary, for each band
+width ``w``. Distances are **Euclidean** between pixel centres (a pixel is in the band
+of width w when sqrt(dy^2 + dx^2) <= w to some boundary pixel; boundary pixels
+themselves are at distance 0). The boundary is
+
+* ``"ignore"``: the pixels labelled 255, for datasets whose annotations have a void
+  band along object boundaries (VOC, shapes; ``DatasetSpec.void_boundaries``), as the
+  papers did: "pixels that are located within a narrow band of 'void' labels";
+* ``"edges"``: otherwise, both pixels of every pair of 4-neighbours with different
+  label values.
+
+``evaluate`` runs a split; training's final validation and ``evaluate.py`` both call it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+from deeplab_tf import visualize
+from deeplab_tf.data import pipeline
+from deeplab_tf.data.specs import IGNORE_LABEL
+from deeplab_tf.inference import InferenceError, Predictor, Progress
+from deeplab_tf.metrics import MeanIoU
+
+TRIMAP_SOURCES = ("auto", "ignore", "edges")
+DEFAULT_TRIMAP_WIDTHS = (1, 2, 5, 10, 20, 40)
+SCORE_KEYS = ("mean_iou", "pixel_accuracy", "mean_class_accuracy", "frequency_weighted_iou")
+
+
+# === Boundaries ===
+
+
+def boundary_pixels(label: np.ndarray, source: str) -> np.ndarray:
+    """bool [H, W]: the boundary pixels of a label map (``"ignore"`` or ``"edges"``)."""
+    label = np.asarray(label)
+    if source == "ignore":
+        return label == IGNORE_LABEL
+    if source != "edges":
+        raise ValueError(f"boundary source must be 'ignore' or 'edges', got {source!r}")
+    boundary = np.zeros(label.shape, bool)
+    vertical = label[1:] != label[:-1]
+    horizontal = label[:, 1:] != label[:, :-1]
+    boundary[1:] |= vertical
+    boundary[:-1] |= vertical
+    boundary[:, 1:] |= horizontal
+    boundary[:, :-1] |= horizontal
+    return boundary
+
+
+def distance_to_boundary(boundary: np.ndarray) -> np.ndarray:
+    """float [H, W]: Euclidean distance of each pixel to the nearest boundary pixel
+    (0 on the boundary, inf everywhere when there is none)."""
+    boundary = np.asarray(boundary, bool)
+    if not boundary.any():
+        return np.full(boundary.shape, np.inf)
+    return ndimage.distance_transform_edt(~boundary)
+
+
+def trimap_band(label: np.ndarray, width: float, source: str) -> np.ndarray:
+    """bool [H, W]: the pixels within ``width`` pixels of a boundary of ``label``."""
+    return distance_to_boundary(boundary_pixels(label, source)) <= width
+
+
+# === Accumulating scores ===
+
+
+def scores_to_json(scores: dict[str, Any]) -> dict[str, Any]:
+    """``confusion_matrix_scores`` values as plain JSON (NaN -> None)."""
+
+    def plain(value: Any) -> Any:
+        value = np.asarray(value)
+        if value.ndim:
+            return [plain(v) for v in value]
+        value = float(value)
+        return None if math.isnan(value) else value
+
+    return {key: plain(value) for key, value in scores.items()}
+
+
+class Evaluator:
+    """Confusion matrices of label/prediction pairs: over all pixels and per trimap band.
+
+    Args:
+        num_classes: C.
+        trimap_widths: band widths in pixels (empty: no boundary scores).
+        trimap_source: ``"ignore"`` or ``"edges"`` (see the module docstring).
+    """
+
+    def __init__(
+        self, num_classes: int, trimap_widths: Sequence[float] = (), trimap_source: str = "edges"
+    ):
+        if trimap_source not in ("ignore", "edges"):
+            raise ValueError(f"trimap_source must be 'ignore' or 'edges', got {trimap_source!r}")
+        widths = tuple(trimap_widths)
+        if any(not w > 0 for w in widths):
+            raise ValueError(f"trimap widths must be positive, got {list(widths)}")
+        self.num_classes = num_classes
+        self.trimap_widths = widths
+        self.trimap_source = trimap_source
+        self.metric = MeanIoU(num_classes)
+        self.trimap_metrics = {w: MeanIoU(num_classes) for w in widths}
+        self.trimap_pixels = dict.fromkeys(widths, 0)
+
+    def update(self, label: np.ndarray, prediction: np.ndarray) -> None:
+        """Adds one image: label and prediction [H, W] class ids (label 255 = ignore)."""
+        label = np.asarray(label)
+        prediction = np.asarray(prediction)
+        if label.shape != prediction.shape:
+            raise ValueError(f"label {label.shape} and prediction {prediction.shape} differ")
+        self.metric.update_state(label[None], prediction[None])
+        if not self.trimap_widths:
+            return
+        distance = distance_to_boundary(boundary_pixels(label, self.trimap_source))
+        counted = label != IGNORE_LABEL
+        for width, metric in self.trimap_metrics.items():
+            band = distance <= width
+            self.trimap_pixels[width] += int((band & counted).sum())
+            metric.update_state(label[None], prediction[None], sample_weight=band[None])
+
+    def results(self) -> dict[str, Any]:
+        """JSON-ready scores, confusion matrix and, with widths, the trimap scores."""
+        results = {
+            **scores_to_json(self.metric.scores()),
+            "confusion_matrix": self.metric.confusion_matrix.numpy().astype(np.int64).tolist(),
+        }
+        if self.trimap_widths:
+            results["trimap"] = {
+                "source": self.trimap_source,
+                "distance": "euclidean",
+                "widths": list(self.trimap_widths),
+                "scores": {
+                    f"{w:g}": {**scores_to_json(m.scores()), "pixels": self.trimap_pixels[w]}
+                    for w, m in self.trimap_metrics.items()
+                },
+            }
+        return results
+
+
+# === A dataset split ===
+
+
+@dataclasses.dataclass
+class Evaluation:
+    """The outcome of :func:`evaluate`: JSON-ready ``results`` and a few picture panels
+    (image | ground truth | prediction, uint8)."""
+
+    results: dict[str, Any]
+    panels: list[np.ndarray] = dataclasses.field(default_factory=list)
+
+
+def evaluate(
+    predictor: Predictor,
+    data_dir: str | os.PathLike,
+    split: str = "val",
+    *,
+    trimap_widths: Sequence[float] = (),
+    trimap_source: str = "auto",
+    max_images: int | None = None,
+    num_panels: int = 0,
+    progress: bool = True,
+) -> Evaluation:
+    """Scores ``predictor`` on every image of a TFRecord split at full label resolution.
+
+    Args:
+        predictor: the model and its inference settings.
+        data_dir: TFRecords with a manifest (``datasets/*.py``).
+        split: split name.
+        trimap_widths: band widths for boundary scores (the papers: 1..40 pixels).
+        trimap_source: ``"auto"`` (the ignore band where the dataset declares one,
+            else label edges), ``"ignore"`` or ``"edges"``.
+        max_images: evaluate only the first images (a quick look, not a score).
+        num_panels: keep picture panels of the first images.
+        progress: print progress lines with an ETA.
+
+    Raises:
+        InferenceError: the model's classes do not match the dataset's, or a bad setting.
+    """
+    if trimap_source not in TRIMAP_SOURCES:
+        raise InferenceError(f"trimap source must be one of {list(TRIMAP_SOURCES)}")
+    try:
+        spec = pipeline.dataset_spec(data_dir)
+        total = pipeline.num_examples(data_dir, split)
+    except ValueError as error:  # names the manifest or the split
+        raise InferenceError(str(error).splitlines()[0]) from None
+    if predictor.num_classes != spec.num_classes:
+        where = f"{predictor.checkpoint.path}: " if predictor.checkpoint else ""
+        raise InferenceError(
+            f"{where}the model predicts {predictor.num_classes} classes but dataset "
+            f"{spec.name!r} in {data_dir} has {spec.num_classes}"
+        )
+    if trimap_source == "auto":
+        trimap_source = "ignore" if spec.void_boundaries else "edges"
+    if max_images is not None:
+        total = min(total, max_images)
+    evaluator = Evaluator(spec.num_classes, trimap_widths, trimap_source)
+    colours = visualize.palette(spec)
+    panels: list[np.ndarray] = []
+    meter = Progress(total, "images") if progress else None
+    start = time.perf_counter()
+    for image, label in pipeline.eval_dataset(data_dir, split).take(total):
+        image, label = image[0].numpy(), label[0].numpy()
+        prediction = predictor.predict_labels(image)
+        evaluator.update(label, prediction)
+        if len(panels) < num_panels:
+            panels.append(visualize.panels(image, [label, prediction], colours))
+        if meter:
+            meter.update()
+    seconds = time.perf_counter() - start
+    results = {
+        "dataset": spec.name,
+        "data_dir": str(data_dir),
+        "split": split,
+        "num_images": total,
+        "seconds": round(seconds, 2),
+        "images_per_second": round(total / seconds, 3) if seconds > 0 else None,
+        "checkpoint": str(predictor.checkpoint.path) if predictor.checkpoint else None,
+        "inference": predictor.settings(),
+        "class_names": list(spec.class_names),
+        **evaluator.results(),
+    }
+    return Evaluation(results, panels)
+
+
+# === Reports ===
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None or np.isnan(value) else f"{100 * value:.2f}"
+
+
+def format_results(results: dict[str, Any]) -> str:
+    """Markdown tables: per-class IoU and the summary scores, then the trimap scores."""
+    lines = ["| class | IoU |", "|---|---|"]
+    for name, iou in zip(results["class_names"], results["per_class_iou"], strict=True):
+        lines.append(f"| {name} | {_percent(iou)} |")
+    for key in SCORE_KEYS:
+        lines.append(f"| **{key}** | {_percent(results[key])} |")
+    trimap = results.get("trimap")
+    if trimap:
+        lines += [
+            "",
+            f"Boundary band (trimap; {trimap['distance']} distance to the "
+            f"{'ignore band' if trimap['source'] == 'ignore' else 'label edges'}):",
+            "",
+            "| band width (px) | " + " | ".join(SCORE_KEYS) + " | pixels |",
+            "|---" * (len(SCORE_KEYS) + 2) + "|",
+        ]
+        for width, scores in trimap["scores"].items():
+            cells = " | ".join(_percent(scores[k]) for k in SCORE_KEYS)
+            lines.append(f"| {width} | {cells} | {scores['pixels']} |")
+    return "\n".join(lines)
+
+
+def replace_dir(tmp: Path, output_dir: Path) -> None:
+    """Moves the finished ``tmp`` to ``output_dir``, replacing an old one only then."""
+    if output_dir.exists():
+        old = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")
+        os.replace(output_dir, old)
+        os.replace(tmp, output_dir)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, output_dir)
+
+
+def check_output_dir(output_dir: str | os.PathLike, overwrite: bool) -> Path:
+    """``output_dir`` as a Path; an existing one without ``overwrite`` is an error."""
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not overwrite:
+        raise InferenceError(f"--output-dir {output_dir} exists; pass --overwrite to replace it")
+    if output_dir.exists() and not output_dir.is_dir():
+        raise InferenceError(f"--output-dir {output_dir} is not a directory")
+    return output_dir
+
+
+def temporary_dir(output_dir: Path) -> Path:
+    """A new empty directory beside ``output_dir``, renamed onto it when complete."""
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+
+
+def write_report(
+    evaluation: Evaluation, output_dir: str | os.PathLike, overwrite: bool = False
+) -> Path:
+    """Writes results.json, results.md, confusion_matrix.png, trimap.png (with trimap
+    scores) and panels/*.png into ``output_dir``, all at once (temporary dir + rename)."""
+    output_dir = check_output_dir(output_dir, overwrite)
+    results = evaluation.results
+    tmp = temporary_dir(output_dir)
+    try:
+        (tmp / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        (tmp / "results.md").write_text(format_results(results) + "\n")
+        visualize.save_png(
+            visualize.confusion_matrix_image(
+                np.array(results["confusion_matrix"]), results["class_names"]
+            ),
+            tmp / "confusion_matrix.png",
+        )
+        trimap = results.get("trimap")
+        if trimap:
+            widths = trimap["widths"]
+            scores = [trimap["scores"][f"{w:g}"] for w in widths]
+            series = {
+                "mean IoU": [100 * (s["mean_iou"] or 0.0) for s in scores],
+                "pixel accuracy": [100 * (s["pixel_accuracy"] or 0.0) for s in scores],
+            }
+            source = "ignore band" if trimap["source"] == "ignore" else "label edges"
+            plot = visualize.line_plot(
+                widths, series, f"Scores within a band around boundaries ({source})",
+                "band width (pixels)", "%",
+            )  # fmt: skip
+            visualize.save_png(plot, tmp / "trimap.png")
+        if evaluation.panels:
+            (tmp / "panels").mkdir()
+            for i, panel in enumerate(evaluation.panels):
+                visualize.save_png(panel, tmp / "panels" / f"{i:04d}.png")
+        replace_dir(tmp, output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output_dir

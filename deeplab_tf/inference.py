@@ -1,0 +1,489 @@
+"""Inference: per-pixel class probabilities of a model at the original image size.
+
+One :class:`Predictor` serves evaluation, prediction and export. It takes a model (or
+a ``.keras`` checkpoint / model directory), optionally rebuilds it at another output
+stride with the same weights (v3 paper, section 4.2: train at OS16, evaluate at OS8),
+and turns an RGB image of any size into probabilities:
+
+* **scales and flips** (v3 paper, section 4.2, Tables 4 and 6): the model runs on the
+  image resized by each scale (size (d - 1) s + 1, as the DeepLab code) and on its
+  left-right mirror; the logits are bilinearly resized (corners aligned) to the
+  image size and the mirrored ones flipped back. ``fusion="mean"`` averages the
+  softmax probabilities (v3); ``fusion="max"`` takes the per-pixel maximum of the
+  logits before the softmax (v2 MSC, section 3.3).
+* **sliding windows** (v2 paper, section 4.4: Cityscapes "split into overlapping
+  regions"): an image larger than ``tile_size`` in either dimension is cut into
+  overlapping tiles (``tile_overlap`` of the tile), each tile gets the scales and
+  flips above, and the probabilities of overlapping tiles are averaged. Tiles come
+  first, scales second, so at a scale below 1 a tile is seen at a lower resolution
+  with the same content (not with more context). ``tiling="whole"`` runs the whole
+  image at once.
+
+Memory: tiles are processed one row of tiles at a time and only one band of
+``tile_size`` rows of probabilities is held, so :meth:`Predictor.predict_labels` on a
+4000x6000 photo needs the image, the label map and one band (plus the model's
+activations on one tile), whatever the image size. :meth:`Predictor.predict` returns
+the full [H, W, C] array, or fills an array the caller gives (e.g. a memory-mapped
+``.npy`` file).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from deeplab_tf.backbones import transfer_weights
+from deeplab_tf.layers import resize_bilinear_aligned
+from deeplab_tf.losses import resize_logits_bilinear
+from deeplab_tf.model import build_model
+from deeplab_tf.variants import VARIANTS, Variant, get_variant
+
+FUSIONS = ("mean", "max")
+TILINGS = ("sliding", "whole")
+# Images up to this size (each side) are processed whole, larger ones by tiles of it:
+# whole for VOC (<= 500 px); a 4000x6000 photo becomes 8 x 11 tiles.
+DEFAULT_TILE_SIZE = 1025
+DEFAULT_TILE_OVERLAP = 1 / 3  # mmsegmentation's slide inference: stride 2/3 of the tile
+V3_EVAL_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # v3 paper, section 4.2
+
+
+class InferenceError(ValueError):
+    """A bad checkpoint, setting or input, reported as one line by the CLIs."""
+
+
+# === Checkpoints ===
+
+
+def resolve_checkpoint(path: str | os.PathLike, flag: str = "--checkpoint") -> Path:
+    """A ``.keras``/weights file, or the best (else last) model of a model directory.
+
+    ``flag`` names the argument in the one-line error.
+    """
+    path = Path(path)
+    if path.is_dir():
+        for name in ("best.keras", "last.keras"):
+            if (path / name).is_file():
+                return path / name
+        raise InferenceError(f"{flag} {path}: no best.keras or last.keras in it")
+    if not path.is_file():
+        raise InferenceError(f"{flag} {path}: no such file or directory")
+    return path
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointInfo:
+    """What the model directory says about a checkpoint (its ``config.json``, if any).
+
+    Attributes:
+        path: the ``.keras`` file.
+        variant: the trained variant, or None when no config.json names it.
+        output_stride: the training output stride, or None.
+        data_dir: the TFRecords it was trained on, or None.
+    """
+
+    path: Path
+    variant: Variant | None = None
+    output_stride: int | None = None
+    data_dir: str | None = None
+
+
+def _tuples(value: Any) -> Any:
+    # config.json stores tuples as lists; Variant fields are tuples.
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+def variant_from_config(value: str | dict[str, Any] | Variant) -> Variant:
+    """A variant from a ``config.json`` entry: a registered name or a dataclass as a dict."""
+    if isinstance(value, Variant):
+        return value
+    if isinstance(value, str):
+        return get_variant(value)
+    return Variant(**{k: _tuples(v) for k, v in value.items()})
+
+
+def read_checkpoint_info(path: str | os.PathLike, flag: str = "--checkpoint") -> CheckpointInfo:
+    """Resolves ``path`` and reads the ``config.json`` beside it, written by training."""
+    checkpoint = resolve_checkpoint(path, flag)
+    config_file = checkpoint.parent / "config.json"
+    if not config_file.is_file():
+        return CheckpointInfo(checkpoint)
+    try:
+        config = json.loads(config_file.read_text())
+        variant = variant_from_config(config["variant"]) if "variant" in config else None
+    except (ValueError, TypeError) as error:
+        raise InferenceError(f"{config_file}: cannot read the variant ({error})") from error
+    recipe = config.get("recipe") or {}
+    return CheckpointInfo(checkpoint, variant, recipe.get("output_stride"), config.get("data_dir"))
+
+
+def load_checkpoint(path: str | os.PathLike, flag: str = "--checkpoint") -> keras.Model:
+    """The model saved in a ``.keras`` file (or a model directory's best/last one)."""
+    checkpoint = resolve_checkpoint(path, flag)
+    if checkpoint.suffix != ".keras":
+        raise InferenceError(
+            f"{flag} {checkpoint}: expected a .keras model or a model directory "
+            "(a weights-only file has no architecture)"
+        )
+    import deeplab_tf  # noqa: F401  (registers the custom layers for deserialisation)
+
+    try:
+        return keras.models.load_model(checkpoint, compile=False)
+    except Exception as error:  # Keras raises many types for a corrupt or foreign file
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise InferenceError(f"{flag} {checkpoint}: cannot load the model ({message})") from error
+
+
+def num_classes_of(model: keras.Model) -> int:
+    """The number of logit channels of a segmentation model."""
+    return int(model.outputs[0].shape[-1])
+
+
+def logits_model(model: keras.Model) -> keras.Model:
+    """``model`` without its final upsampling, ending at the layer named ``logits``.
+
+    The Predictor resizes logits itself (once, straight to the image size), so at a
+    scale s the model never builds logits at the scaled size.
+    """
+    try:
+        logits = model.get_layer("logits").output
+    except (ValueError, AttributeError):  # not a build_model model: use it as it is
+        return model
+    if logits is model.outputs[0]:
+        return model
+    return keras.Model(model.inputs, logits, name=model.name)
+
+
+def model_at_output_stride(
+    model: keras.Model, output_stride: int, variant: str | Variant | None = None
+) -> keras.Model:
+    """The same weights in the variant's model built at ``output_stride``.
+
+    Atrous rates have no variables, so every layer has the same weight shapes at any
+    stride and the weights move by layer name (``transfer_weights``).
+
+    Args:
+        model: a model from ``build_model`` (or loaded from its ``.keras`` file).
+        output_stride: 8, 16 or 32.
+        variant: its variant; default: the registered variant named like the model.
+    """
+    if variant is None:
+        if model.name not in VARIANTS:
+            raise InferenceError(
+                f"model {model.name!r} is not a registered variant: pass its variant to "
+                "change the output stride"
+            )
+        variant = model.name
+    target = build_model(
+        variant, num_classes_of(model), output_stride=output_stride, upsample_logits=False
+    )
+    try:
+        report = transfer_weights(model, target)
+    except ValueError as error:
+        raise InferenceError(f"the model does not match variant {target.name!r}: {error}") from None
+    if report.missing or report.unused:
+        raise InferenceError(
+            f"the model does not match variant {target.name!r}: layers without weights "
+            f"{report.missing}, unused layers {report.unused}"
+        )
+    return target
+
+
+# === Tiles ===
+
+
+def tile_starts(length: int, tile: int, overlap: float) -> list[int]:
+    """Start offsets of tiles of size ``tile`` covering ``length``, neighbours overlapping
+    by at least ``overlap`` of a tile; the first at 0, the last ending at ``length``."""
+    if length <= tile:
+        return [0]
+    stride = max(1, tile - round(overlap * tile))
+    count = math.ceil((length - tile) / stride) + 1
+    return [min(i * stride, length - tile) for i in range(count)]
+
+
+def scaled_size(size: tf.Tensor, scale: float) -> tf.Tensor:
+    """(d - 1) * scale + 1 per dimension, as the DeepLab code (513 -> 257 at 0.5)."""
+    scaled = tf.cast((tf.cast(size, tf.float32) - 1.0) * scale + 1.0, tf.int32)
+    return tf.maximum(scaled, 1)
+
+
+# === Predictor ===
+
+
+class Predictor:
+    """Per-pixel class probabilities of a segmentation model, at the image's own size.
+
+    Args:
+        model: a ``keras.Model`` from RGB pixels [N, H, W, 3] in [0, 255] to logits
+            (at any size: they are resized), or the path of a ``.keras`` checkpoint or
+            a model directory (its best, else last, model).
+        variant: the model's variant, needed only to change the output stride of a
+            model whose name is not a registered variant and whose directory has no
+            config.json.
+        output_stride: rebuild the model at this stride with the same weights; None
+            keeps the model as it is.
+        scales: image scales; (1.0,) for single-scale, ``V3_EVAL_SCALES`` for v3's
+            multi-scale evaluation.
+        flip: add left-right flipped inputs.
+        fusion: ``"mean"`` of probabilities (v3) or ``"max"`` of logits (v2 MSC).
+        tiling: ``"sliding"`` windows for images larger than ``tile_size``, or
+            ``"whole"`` images always.
+        tile_size: window size (int or (h, w)); images up to it are processed whole.
+        tile_overlap: overlap of neighbouring windows, a fraction of the window in [0, 1).
+        jit_compile: XLA-compile the per-tile function (one compilation per tile shape).
+
+    Example:
+        >>> predictor = Predictor("runs/v3", output_stride=8, scales=V3_EVAL_SCALES, flip=True)
+        >>> probabilities = predictor.predict(image)  # [H, W, C], sums to 1 per pixel
+        >>> labels = predictor.predict_labels(image)  # [H, W] uint8 class ids
+    """
+
+    def __init__(
+        self,
+        model: keras.Model | str | os.PathLike,
+        *,
+        variant: str | Variant | None = None,
+        output_stride: int | None = None,
+        scales: Sequence[float] = (1.0,),
+        flip: bool = False,
+        fusion: str = "mean",
+        tiling: str = "sliding",
+        tile_size: int | tuple[int, int] = DEFAULT_TILE_SIZE,
+        tile_overlap: float = DEFAULT_TILE_OVERLAP,
+        jit_compile: bool = False,
+    ):
+        scales = tuple(float(s) for s in scales)
+        if not scales or any(not (s > 0 and math.isfinite(s)) for s in scales):
+            raise InferenceError(f"scales must be positive numbers, got {list(scales)}")
+        if fusion not in FUSIONS:
+            raise InferenceError(f"fusion must be one of {list(FUSIONS)}, got {fusion!r}")
+        if tiling not in TILINGS:
+            raise InferenceError(f"tiling must be one of {list(TILINGS)}, got {tiling!r}")
+        tile = (tile_size, tile_size) if isinstance(tile_size, int) else tuple(tile_size)
+        if len(tile) != 2 or min(tile) < 1:
+            raise InferenceError(f"tile_size must be a positive size, got {tile_size!r}")
+        if not 0.0 <= tile_overlap < 1.0:
+            raise InferenceError(f"tile_overlap must be in [0, 1), got {tile_overlap}")
+
+        self.checkpoint: CheckpointInfo | None = None
+        if not isinstance(model, keras.Model):
+            self.checkpoint = read_checkpoint_info(model)
+            model = load_checkpoint(self.checkpoint.path)
+            variant = variant or self.checkpoint.variant
+        if output_stride is not None:
+            model = model_at_output_stride(model, output_stride, variant)
+        elif self.checkpoint is not None:
+            output_stride = self.checkpoint.output_stride
+        self.model = logits_model(model)
+        self.num_classes = num_classes_of(model)
+        self.output_stride = output_stride
+        self.scales = scales
+        self.flip = bool(flip)
+        self.fusion = fusion
+        self.tiling = tiling
+        self.tile_size: tuple[int, int] = (int(tile[0]), int(tile[1]))
+        self.tile_overlap = float(tile_overlap)
+        self.jit_compile = bool(jit_compile)
+        # One trace for every tile size (XLA, if asked, still compiles per shape).
+        self._tile_fn = tf.function(
+            self.tile_probabilities,
+            input_signature=[tf.TensorSpec([1, None, None, 3], tf.float32)],
+            jit_compile=self.jit_compile,
+        )
+
+    def settings(self) -> dict[str, Any]:
+        """The inference settings, for results files."""
+        return {
+            "output_stride": self.output_stride,
+            "scales": list(self.scales),
+            "flip": self.flip,
+            "fusion": self.fusion,
+            "tiling": self.tiling,
+            "tile_size": list(self.tile_size),
+            "tile_overlap": self.tile_overlap,
+        }
+
+    def tile_probabilities(self, tile: tf.Tensor) -> tf.Tensor:
+        """Probabilities float32 [h, w, C] of one tile float32 [1, h, w, 3], fused over
+        the scales and flips (a TensorFlow function: traceable for export)."""
+        size = tf.shape(tile)[1:3]
+        fused = None
+        for scale in self.scales:
+            x = tile if scale == 1.0 else resize_bilinear_aligned(tile, scaled_size(size, scale))
+            if self.flip:  # one batch of two: the image and its mirror
+                x = tf.concat([x, tf.reverse(x, axis=[2])], axis=0)
+            logits = resize_logits_bilinear(self.model(x, training=False), size)
+            if self.flip:
+                logits = tf.concat([logits[:1], tf.reverse(logits[1:], axis=[2])], axis=0)
+            if self.fusion == "mean":
+                part = tf.reduce_sum(tf.nn.softmax(logits, axis=-1), axis=0)
+                fused = part if fused is None else fused + part
+            else:
+                part = tf.reduce_max(logits, axis=0)
+                fused = part if fused is None else tf.maximum(fused, part)
+        if self.fusion == "mean":
+            return fused / float(len(self.scales) * (2 if self.flip else 1))
+        return tf.nn.softmax(fused, axis=-1)
+
+    def _tile(self, image: np.ndarray) -> np.ndarray:
+        tile = tf.convert_to_tensor(np.asarray(image, np.float32)[None])
+        return self._tile_fn(tile).numpy()
+
+    def bands(self, image: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+        """Yields (first row, probabilities float32 [rows, W, C]) for consecutive row
+        bands that together cover the image, top to bottom.
+
+        Whole images come as one band. Tiled images come one band per row of tiles,
+        each final (no later tile overlaps it), so a caller can reduce or write a band
+        and drop it: only ``tile_size`` rows of probabilities are held at a time.
+        """
+        image = np.asarray(image)
+        if image.ndim != 3 or image.shape[-1] != 3:
+            raise InferenceError(f"expected an RGB image [H, W, 3], got shape {image.shape}")
+        height, width = image.shape[:2]
+        tile_h, tile_w = min(self.tile_size[0], height), min(self.tile_size[1], width)
+        if self.tiling == "whole" or (tile_h == height and tile_w == width):
+            yield 0, self._tile(image)
+            return
+        rows = tile_starts(height, tile_h, self.tile_overlap)
+        cols = tile_starts(width, tile_w, self.tile_overlap)
+        band_start = 0
+        total = np.zeros((0, width, self.num_classes), np.float32)
+        count = np.zeros((0, width), np.float32)
+        for i, row in enumerate(rows):
+            # Extend the band down to the end of this row of tiles.
+            grow = row + tile_h - band_start - total.shape[0]
+            total = np.concatenate([total, np.zeros((grow, width, self.num_classes), np.float32)])
+            count = np.concatenate([count, np.zeros((grow, width), np.float32)])
+            top = row - band_start
+            for col in cols:
+                probabilities = self._tile(image[row : row + tile_h, col : col + tile_w])
+                total[top : top + tile_h, col : col + tile_w] += probabilities
+                count[top : top + tile_h, col : col + tile_w] += 1.0
+            # Rows above the next row of tiles receive nothing more: emit them.
+            done = (rows[i + 1] if i + 1 < len(rows) else height) - band_start
+            yield band_start, total[:done] / count[:done, :, None]
+            total, count = total[done:], count[done:]
+            band_start += done
+
+    def predict(self, image: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Probabilities float32 [H, W, C] of an RGB image [H, W, 3] (uint8 or float in
+        [0, 255]); written into ``out`` when given (any [H, W, C] array, e.g. a
+        ``numpy.lib.format.open_memmap``)."""
+        image = np.asarray(image)
+        if out is None:
+            out = np.empty((*image.shape[:2], self.num_classes), np.float32)
+        for start, band in self.bands(image):
+            out[start : start + band.shape[0]] = band
+        return out
+
+    def predict_labels(
+        self, image: np.ndarray, probabilities_out: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Class ids uint8 [H, W] (argmax of the probabilities), holding one band of
+        probabilities at a time; also writes them into ``probabilities_out`` if given."""
+        image = np.asarray(image)
+        labels = np.empty(image.shape[:2], np.uint8)
+        for start, band in self.bands(image):
+            rows = slice(start, start + band.shape[0])
+            labels[rows] = band.argmax(axis=-1)
+            if probabilities_out is not None:
+                probabilities_out[rows] = band
+        return labels
+
+
+# === Command-line options shared by evaluate.py and predict.py ===
+
+
+def parse_scales(text: str) -> tuple[float, ...]:
+    """``--scales``: comma-separated positive numbers, or ``v3`` for 0.5..1.75."""
+    if text == "v3":
+        return V3_EVAL_SCALES
+    try:
+        scales = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise InferenceError(f"--scales must be comma-separated numbers, got {text!r}") from None
+    if any(not (s > 0 and math.isfinite(s)) for s in scales):
+        raise InferenceError(f"--scales must be positive, got {text!r}")
+    return scales
+
+
+def add_predictor_arguments(parser) -> None:
+    """The inference flags of ``evaluate.py`` and ``predict.py`` (argparse)."""
+    parser.add_argument("--checkpoint", required=True, help="a model directory or .keras file")
+    parser.add_argument("--variant", help="the checkpoint's variant (default: its config.json)")
+    parser.add_argument(
+        "--output-stride", type=int, choices=(8, 16, 32), help="rebuild at this stride"
+    )
+    parser.add_argument(
+        "--scales", default="1", help="comma-separated, e.g. 0.5,0.75,1,1.25,1.5,1.75, or v3"
+    )
+    parser.add_argument("--flip", action="store_true", help="add left-right flipped inputs")
+    parser.add_argument(
+        "--fusion", choices=FUSIONS, default="mean", help="mean of probabilities (v3) or max (v2)"
+    )
+    parser.add_argument("--tile-size", type=int, default=DEFAULT_TILE_SIZE, help="window size")
+    parser.add_argument("--tile-overlap", type=float, default=DEFAULT_TILE_OVERLAP)
+    parser.add_argument("--whole-image", action="store_true", help="never use sliding windows")
+    parser.add_argument("--jit-compile", action="store_true", help="XLA-compile inference")
+
+
+def predictor_from_args(args) -> Predictor:
+    """A Predictor from the flags of :func:`add_predictor_arguments`."""
+    return Predictor(
+        args.checkpoint,
+        variant=args.variant,
+        output_stride=args.output_stride,
+        scales=parse_scales(args.scales),
+        flip=args.flip,
+        fusion=args.fusion,
+        tiling="whole" if args.whole_image else "sliding",
+        tile_size=args.tile_size,
+        tile_overlap=args.tile_overlap,
+        jit_compile=args.jit_compile,
+    )
+
+
+class Progress:
+    """Progress lines with rate and ETA, at most one every ``every_s`` seconds (and the last)."""
+
+    def __init__(self, total: int, what: str = "images", every_s: float = 10.0, stream=None):
+        self.total = total
+        self.what = what
+        self.every_s = every_s
+        self.stream = stream or sys.stdout
+        self.start = time.perf_counter()
+        self._last = -math.inf
+        self.done = 0
+
+    def update(self, done: int | None = None) -> None:
+        self.done = self.done + 1 if done is None else done
+        now = time.perf_counter()
+        if now - self._last < self.every_s and self.done < self.total:
+            return
+        self._last = now
+        elapsed = now - self.start
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - self.done) / rate if rate > 0 else 0.0
+        print(
+            f"{self.done}/{self.total} {self.what}, {rate:.2f} {self.what}/s, "
+            f"elapsed {_clock(elapsed)}, ETA {_clock(eta)}",
+            file=self.stream,
+            flush=True,
+        )
+
+
+def _clock(seconds: float) -> str:
+    seconds = round(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

@@ -1,0 +1,241 @@
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from deeplab_tf.inference import (
+    InferenceError,
+    Predictor,
+    model_at_output_stride,
+    tile_starts,
+)
+from tests.helpers import tiny_model, tiny_variant, write_model_dir
+from tests.test_losses import numpy_bilinear_aligned
+
+ROOT = Path(__file__).resolve().parents[1]
+rng = np.random.default_rng(3)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(num_classes=5)
+
+
+@pytest.fixture(scope="module")
+def image():
+    return rng.integers(0, 256, (45, 61, 3)).astype(np.uint8)
+
+
+def numpy_softmax(x):
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def logits_at_stride(model, x):
+    """The classifier's output (before the model's own upsampling), float64."""
+    head = keras.Model(model.inputs, model.get_layer("logits").output)
+    return np.asarray(head(x.astype("float32"), training=False), np.float64)
+
+
+class TestOutputStride:
+    def test_same_weights_at_os16_and_os8(self, model, image):
+        """v3 section 4.2: trained at OS16, evaluated at OS8 with the same weights."""
+        os16 = Predictor(model).predict(image)
+        os8 = Predictor(model, output_stride=8, variant=tiny_variant()).predict(image)
+        assert os16.shape == os8.shape == (45, 61, 5)
+        np.testing.assert_allclose(os8.sum(-1), 1.0, atol=1e-5)
+        assert np.abs(os16 - os8).max() > 1e-3  # a denser feature map, other values
+        # Rebuilt at the stride it already has: identical, so every weight moved.
+        again = Predictor(model, output_stride=16, variant=tiny_variant()).predict(image)
+        np.testing.assert_allclose(again, os16, atol=1e-6)
+
+    def test_rebuilt_model_has_the_rates_of_os8(self, model):
+        rebuilt = model_at_output_stride(model, 8, tiny_variant())
+        assert rebuilt.get_layer("aspp").rates == (12, 24, 36)
+        assert model.get_layer("aspp").rates == (6, 12, 18)
+        for a, b in zip(rebuilt.get_weights(), model.get_weights(), strict=True):
+            np.testing.assert_array_equal(a, b)
+
+    def test_from_a_model_dir_without_naming_the_variant(self, model, image, tmp_path):
+        """config.json tells the variant (a custom dataclass here) and the stride."""
+        model_dir = write_model_dir(model, tmp_path / "run", data_dir=None)
+        predictor = Predictor(model_dir, output_stride=8)
+        assert predictor.output_stride == 8 and predictor.num_classes == 5
+        expected = Predictor(model, output_stride=8, variant=tiny_variant()).predict(image)
+        np.testing.assert_allclose(predictor.predict(image), expected, atol=1e-6)
+        assert Predictor(model_dir).output_stride == 16
+
+    def test_unregistered_model_needs_its_variant(self, model):
+        with pytest.raises(InferenceError, match="'tiny' is not a registered variant"):
+            Predictor(model, output_stride=8)
+
+    def test_wrong_variant_is_a_clear_error(self, model):
+        with pytest.raises(InferenceError, match="does not match variant 'deeplabv3-mobilenetv2'"):
+            Predictor(model, output_stride=8, variant="deeplabv3-mobilenetv2")
+
+
+class TestScalesAndFlips:
+    def test_probabilities_sum_to_one_and_flip_equivariant(self, model, image):
+        """Flip the image, flip the result back: the same probabilities (v3 Table 4)."""
+        predictor = Predictor(model, scales=(0.5, 1.0, 1.75), flip=True)
+        p = predictor.predict(image)
+        np.testing.assert_allclose(p.sum(-1), 1.0, atol=1e-5)
+        p_flipped = predictor.predict(image[:, ::-1])
+        # Equal up to float rounding (a resized mirror is not bit-for-bit the mirror of
+        # the resized image).
+        np.testing.assert_allclose(p_flipped[:, ::-1], p, atol=1e-4)
+        # Without flips the model alone is not mirror-symmetric: the test can fail.
+        single = Predictor(model, scales=(0.5, 1.0, 1.75))
+        asymmetry = np.abs(single.predict(image[:, ::-1])[:, ::-1] - single.predict(image))
+        assert asymmetry.max() > 1e-2, asymmetry.max()
+
+    @pytest.mark.parametrize("fusion", ["mean", "max"])
+    def test_fusion_matches_numpy(self, model, image, fusion):
+        """mean: average of softmax over scales and flips (v3); max: softmax of the
+        per-pixel maximum logit (v2 MSC). Scaled sizes are (d - 1) s + 1."""
+        scales = (0.5, 1.25)
+        predictor = Predictor(model, scales=scales, flip=True, fusion=fusion)
+        x = image[None].astype(np.float64)
+        logits = []
+        for s in scales:
+            size = (int((45 - 1) * s + 1), int((61 - 1) * s + 1))
+            scaled = numpy_bilinear_aligned(x, size)
+            for flip in (False, True):
+                inp = scaled[:, :, ::-1] if flip else scaled
+                out = numpy_bilinear_aligned(logits_at_stride(model, inp), (45, 61))
+                logits.append(out[:, :, ::-1] if flip else out)
+        logits = np.concatenate(logits)
+        if fusion == "mean":
+            expected = numpy_softmax(logits).mean(0)
+        else:
+            expected = numpy_softmax(logits.max(0))
+        np.testing.assert_allclose(predictor.predict(image), expected, atol=2e-4)
+
+    def test_bad_settings(self, model):
+        with pytest.raises(InferenceError, match="scales must be positive"):
+            Predictor(model, scales=(1.0, 0.0))
+        with pytest.raises(InferenceError, match="fusion must be one of"):
+            Predictor(model, fusion="median")
+        with pytest.raises(InferenceError, match="tile_overlap must be in"):
+            Predictor(model, tile_overlap=1.0)
+
+
+class TestSlidingWindows:
+    def test_tile_starts_cover_with_overlap(self):
+        assert tile_starts(10, 4, 0.5) == [0, 2, 4, 6]
+        assert tile_starts(11, 4, 0.5) == [0, 2, 4, 6, 7]
+        assert tile_starts(4, 8, 0.5) == [0]
+        for length, tile, overlap in [(1000, 97, 1 / 3), (98, 97, 0.0), (513, 100, 0.25)]:
+            starts = tile_starts(length, tile, overlap)
+            assert starts[0] == 0 and starts[-1] == length - tile
+            gaps = np.diff(starts)
+            assert (gaps > 0).all() and (tile - gaps >= round(overlap * tile)).all()
+
+    def test_window_covering_the_image_equals_whole_image(self, model, image):
+        whole = Predictor(model, tiling="whole").predict(image)
+        covering = Predictor(model, tile_size=(45, 61)).predict(image)
+        np.testing.assert_array_equal(covering, whole)
+        tiled = Predictor(model, tile_size=24).predict(image)  # 3 x 4 tiles
+        np.testing.assert_allclose(tiled.sum(-1), 1.0, atol=1e-5)
+        assert np.abs(tiled - whole).max() > 1e-3  # really tiled: less context per tile
+
+    def test_pointwise_model_is_unchanged_by_tiling(self, image):
+        """For a per-pixel model every tile gives each pixel the same probabilities, so
+        stitching must reproduce the whole image exactly: any misplaced tile shows."""
+        keras.utils.set_random_seed(1)
+        pointwise = keras.Sequential([keras.Input((None, None, 3)), keras.layers.Conv2D(4, 1)])
+        whole = Predictor(pointwise, tiling="whole").predict(image)
+        for tile, overlap in [(16, 1 / 3), ((20, 7), 0.5), (44, 0.0)]:
+            tiled = Predictor(pointwise, tile_size=tile, tile_overlap=overlap).predict(image)
+            np.testing.assert_allclose(tiled, whole, atol=1e-6)
+
+    def test_overlaps_are_averaged(self):
+        """A model that paints each tile with one colour-dependent vector: a pixel gets
+        the mean of the tiles covering it (tile 6x4, overlap 0.5 -> columns 0, 2, 4, 6)."""
+        keras.utils.set_random_seed(2)
+        inputs = keras.Input((None, None, 3))
+        pooled = keras.layers.GlobalAveragePooling2D(keepdims=True)(inputs)
+        scores = keras.layers.Dense(3)(pooled / 255.0) * 5.0
+        broadcast = keras.layers.Lambda(lambda t: t[0] + 0.0 * t[1][..., :1])([scores, inputs])
+        painter = keras.Model(inputs, broadcast)
+        image = rng.integers(0, 256, (6, 10, 3)).astype(np.uint8)
+        got = Predictor(painter, tile_size=(6, 4), tile_overlap=0.5).predict(image)
+        starts = [0, 2, 4, 6]
+        tile_probs = [
+            numpy_softmax(np.asarray(painter(image[None, :, s : s + 4].astype("float32")))[0, 0, 0])
+            for s in starts
+        ]
+        for col in range(10):
+            covering = [p for s, p in zip(starts, tile_probs, strict=True) if s <= col < s + 4]
+            np.testing.assert_allclose(
+                got[:, col], np.broadcast_to(np.mean(covering, 0), (6, 3)), atol=1e-6
+            )
+
+    def test_labels_and_streamed_probabilities(self, model, image):
+        predictor = Predictor(model, tile_size=20)
+        probabilities = np.zeros((45, 61, 5), np.float32)
+        labels = predictor.predict_labels(image, probabilities_out=probabilities)
+        np.testing.assert_array_equal(probabilities, predictor.predict(image))
+        np.testing.assert_array_equal(labels, probabilities.argmax(-1))
+        assert labels.dtype == np.uint8
+
+
+MEMORY_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np
+    sys.path.insert(0, sys.argv[1])
+    from tests.helpers import tiny_model
+    from deeplab_tf.inference import Predictor
+
+    def status_mb(key):
+        for line in open("/proc/self/status"):
+            if line.startswith(key):
+                return int(line.split()[1]) / 1024
+
+    model = tiny_model(num_classes=6)
+    rng = np.random.default_rng(0)
+    small = rng.integers(0, 256, (200, 200, 3)).astype(np.uint8)
+    large = rng.integers(0, 256, (1280, 1280, 3)).astype(np.uint8)
+    predictors = {
+        "sliding": Predictor(model, tile_size=128),
+        "whole": Predictor(model, tiling="whole"),
+    }
+    growth = {}
+    for name, predictor in predictors.items():
+        predictor.predict_labels(small)  # traced before measuring
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets the peak (VmHWM) to the current resident size
+        before = status_mb("VmRSS")
+        predictor.predict_labels(large)
+        growth[name] = status_mb("VmHWM") - before
+    print(json.dumps(growth))
+    """
+)
+
+
+def test_sliding_window_memory_is_bounded():
+    """The peak resident memory above the resident memory before the call (Linux
+    VmHWM after a reset, minus VmRSS), for a 1280x1280 image: with 128-pixel tiles
+    it stays small, while the same model on the whole image needs far more (about
+    300 MB here, growing with the pixels): the bound comes from the tiles."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    result = subprocess.run(
+        [sys.executable, "-c", MEMORY_SCRIPT, str(ROOT)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    growth = json.loads(result.stdout.strip().splitlines()[-1])
+    # The label map (1.6 MB) and one band of 128 rows of probabilities (4 MB) are all
+    # that grows with the image.
+    assert growth["sliding"] < 40, growth
+    assert growth["whole"] > 150, growth
