@@ -358,24 +358,21 @@ class Predictor:
             return
         rows = tile_starts(height, tile_h, self.tile_overlap)
         cols = tile_starts(width, tile_w, self.tile_overlap)
-        band_start = 0
-        total = np.zeros((0, width, self.num_classes), np.float32)
-        count = np.zeros((0, width), np.float32)
+        # Sums and counts of the rows of the current row of tiles; total[0] is image row
+        # ``row``. Rows above the next row of tiles receive nothing more: they are
+        # emitted, and the overlap moves up to the top of the buffers.
+        total = np.zeros((tile_h, width, self.num_classes), np.float32)
+        count = np.zeros((tile_h, width), np.float32)
         for i, row in enumerate(rows):
-            # Extend the band down to the end of this row of tiles.
-            grow = row + tile_h - band_start - total.shape[0]
-            total = np.concatenate([total, np.zeros((grow, width, self.num_classes), np.float32)])
-            count = np.concatenate([count, np.zeros((grow, width), np.float32)])
-            top = row - band_start
             for col in cols:
                 probabilities = self._tile(image[row : row + tile_h, col : col + tile_w])
-                total[top : top + tile_h, col : col + tile_w] += probabilities
-                count[top : top + tile_h, col : col + tile_w] += 1.0
-            # Rows above the next row of tiles receive nothing more: emit them.
-            done = (rows[i + 1] if i + 1 < len(rows) else height) - band_start
-            yield band_start, total[:done] / count[:done, :, None]
-            total, count = total[done:], count[done:]
-            band_start += done
+                total[:, col : col + tile_w] += probabilities
+                count[:, col : col + tile_w] += 1.0
+            done = rows[i + 1] - row if i + 1 < len(rows) else tile_h
+            yield row, total[:done] / count[:done, :, None]
+            keep = tile_h - done
+            total[:keep], count[:keep] = total[done:], count[done:]
+            total[keep:], count[keep:] = 0.0, 0.0
 
     def predict(self, image: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """Probabilities float32 [H, W, C] of an RGB image [H, W, 3] (uint8 or float in

@@ -158,7 +158,8 @@ def confusion_matrix_image(
     """
     m = np.asarray(confusion, np.float64)
     n = m.shape[0]
-    rows = np.divide(m, m.sum(1, keepdims=True), out=np.zeros_like(m), where=m.sum(1) > 0)
+    totals = m.sum(1, keepdims=True)
+    rows = np.divide(m, totals, out=np.zeros_like(m), where=totals > 0)
     cell = int(np.clip(max_size // max(n, 1), 4, 48))
     font = _font(max(8, min(12, cell // 3)) if cell >= 16 else 10)
     margin = max(_text_size(name, font)[0] for name in class_names) + 8

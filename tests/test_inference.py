@@ -156,26 +156,26 @@ class TestSlidingWindows:
             np.testing.assert_allclose(tiled, whole, atol=1e-6)
 
     def test_overlaps_are_averaged(self):
-        """A model that paints each tile with one colour-dependent vector: a pixel gets
-        the mean of the tiles covering it (tile 6x4, overlap 0.5 -> columns 0, 2, 4, 6)."""
+        """A model that paints each tile with one vector computed from its mean colour:
+        a pixel gets the mean of the tiles covering it (tile 4x4 on 10x9 with overlap
+        0.5: rows start at 0, 2, 4, 6 and columns at 0, 2, 4, 5)."""
         keras.utils.set_random_seed(2)
         inputs = keras.Input((None, None, 3))
         pooled = keras.layers.GlobalAveragePooling2D(keepdims=True)(inputs)
         scores = keras.layers.Dense(3)(pooled / 255.0) * 5.0
         broadcast = keras.layers.Lambda(lambda t: t[0] + 0.0 * t[1][..., :1])([scores, inputs])
         painter = keras.Model(inputs, broadcast)
-        image = rng.integers(0, 256, (6, 10, 3)).astype(np.uint8)
-        got = Predictor(painter, tile_size=(6, 4), tile_overlap=0.5).predict(image)
-        starts = [0, 2, 4, 6]
-        tile_probs = [
-            numpy_softmax(np.asarray(painter(image[None, :, s : s + 4].astype("float32")))[0, 0, 0])
-            for s in starts
-        ]
-        for col in range(10):
-            covering = [p for s, p in zip(starts, tile_probs, strict=True) if s <= col < s + 4]
-            np.testing.assert_allclose(
-                got[:, col], np.broadcast_to(np.mean(covering, 0), (6, 3)), atol=1e-6
-            )
+        image = rng.integers(0, 256, (10, 9, 3)).astype(np.uint8)
+        got = Predictor(painter, tile_size=4, tile_overlap=0.5).predict(image)
+        tiles = {}
+        for r in (0, 2, 4, 6):
+            for c in (0, 2, 4, 5):
+                crop = image[None, r : r + 4, c : c + 4].astype("float32")
+                tiles[r, c] = numpy_softmax(np.asarray(painter(crop))[0, 0, 0])
+        for y in range(10):
+            for x in range(9):
+                covering = [p for (r, c), p in tiles.items() if r <= y < r + 4 and c <= x < c + 4]
+                np.testing.assert_allclose(got[y, x], np.mean(covering, 0), atol=1e-6)
 
     def test_labels_and_streamed_probabilities(self, model, image):
         predictor = Predictor(model, tile_size=20)
