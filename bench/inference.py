@@ -106,10 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     reference = keras.applications.ResNet101(
         weights=None, include_top=False, input_shape=(args.size, args.size, 3)
     )
-    reference_rate = report(
-        "keras.applications.ResNet101", 32, reference, graph_flops(reference, args.batch, args.size),
-        None,
-    )  # fmt: skip
+    flops = graph_flops(reference, args.batch, args.size)
+    reference_rate = report("keras.applications.ResNet101", 32, reference, flops, None)
     del reference
     for name in names:
         for stride in strides:

@@ -18,8 +18,8 @@ class TestPalettes:
         """The VOC devkit's colour map: bits of the id spread over R, G, B from the top."""
         colours = visualize.palette(SPECS["pascal_voc_2012"])
         assert colours.shape == (256, 3) and colours.dtype == np.uint8
-        expected = {0: (0, 0, 0), 1: (128, 0, 0), 2: (0, 128, 0), 3: (128, 128, 0),
-                    8: (64, 0, 0), 15: (192, 128, 128), 20: (0, 64, 128), 255: (224, 224, 192)}  # fmt: skip
+        expected = {0: (0, 0, 0), 1: (128, 0, 0), 2: (0, 128, 0), 3: (128, 128, 0), 8: (64, 0, 0),
+                    15: (192, 128, 128), 20: (0, 64, 128), 255: (224, 224, 192)}  # fmt: skip
         for class_id, colour in expected.items():
             assert tuple(colours[class_id]) == colour, class_id
 
