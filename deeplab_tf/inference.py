@@ -241,7 +241,7 @@ class Predictor:
             ``"whole"`` images always.
         tile_size: window size (int or (h, w)); images up to it are processed whole.
         tile_overlap: overlap of neighbouring windows, a fraction of the window in [0, 1).
-        jit_compile: XLA-compile the per-tile function (one compilation per tile shape).
+        jit_compile: XLA-compile the model (one compilation per input shape).
 
     Example:
         >>> predictor = Predictor("runs/v3", output_stride=8, scales=V3_EVAL_SCALES, flip=True)
@@ -295,11 +295,18 @@ class Predictor:
         self.tile_size: tuple[int, int] = (int(tile[0]), int(tile[1]))
         self.tile_overlap = float(tile_overlap)
         self.jit_compile = bool(jit_compile)
+        # Only the model is XLA-compiled: XLA's CPU bilinear resize with aligned corners
+        # is wrong for some size ratios (3 units off for 4 -> 61 pixels; TensorFlow
+        # issue 118344), so the resizes around the model stay plain TensorFlow ops.
+        self._forward = (
+            tf.function(lambda x: self.model(x, training=False), jit_compile=True)
+            if self.jit_compile
+            else (lambda x: self.model(x, training=False))
+        )
         # One trace for every tile size (XLA, if asked, still compiles per shape).
         self._tile_fn = tf.function(
             self.tile_probabilities,
             input_signature=[tf.TensorSpec([1, None, None, 3], tf.float32)],
-            jit_compile=self.jit_compile,
         )
 
     def settings(self) -> dict[str, Any]:
@@ -323,7 +330,7 @@ class Predictor:
             x = tile if scale == 1.0 else resize_bilinear_aligned(tile, scaled_size(size, scale))
             if self.flip:  # one batch of two: the image and its mirror
                 x = tf.concat([x, tf.reverse(x, axis=[2])], axis=0)
-            logits = resize_logits_bilinear(self.model(x, training=False), size)
+            logits = resize_logits_bilinear(self._forward(x), size)
             if self.flip:
                 logits = tf.concat([logits[:1], tf.reverse(logits[1:], axis=[2])], axis=0)
             if self.fusion == "mean":

@@ -117,6 +117,13 @@ class TestScalesAndFlips:
             expected = numpy_softmax(logits.max(0))
         np.testing.assert_allclose(predictor.predict(image), expected, atol=2e-4)
 
+    def test_jit_compile_gives_the_same_probabilities(self, model, image):
+        """Only the model is compiled: XLA's CPU aligned-corners resize is wrong for the
+        3x4 -> 45x61 logits of this image (TensorFlow issue 118344)."""
+        plain = Predictor(model).predict(image)
+        compiled = Predictor(model, jit_compile=True)
+        np.testing.assert_allclose(compiled.predict(image), plain, atol=1e-4)
+
     def test_bad_settings(self, model):
         with pytest.raises(InferenceError, match="scales must be positive"):
             Predictor(model, scales=(1.0, 0.0))
