@@ -1,0 +1,559 @@
+"""Fully connected CRF post-processing and its parameter search.
+
+DeepLab v1 (section 4) and v2 (section 3.3) refine the network's per-pixel class
+probabilities P with the fully connected CRF of Krähenbühl & Koltun (NIPS 2011):
+
+    E(x) = sum_i -log P(x_i) + sum_{i<j} mu(x_i, x_j) [
+             w1 exp(-|p_i - p_j|^2 / 2 sa^2 - |I_i - I_j|^2 / 2 sb^2)    (bilateral)
+           + w2 exp(-|p_i - p_j|^2 / 2 sg^2) ]                             (Gaussian)
+
+with Potts compatibility mu(a, b) = [a != b], minimised approximately by mean-field
+iterations: Q <- softmax(-U + sum_k w_k K_k Q), each K_k a Gaussian filter in its
+feature space (positions / sa and colours / sb; positions / sg), normalised
+symmetrically as in the reference code (D^-1/2 K D^-1/2 with D = K 1).
+
+``refine(image, probabilities, params, backend)`` runs it on one image with one of
+two backends that compute the same thing:
+
+* ``"pydensecrf"``: Krähenbühl's C++ code through the ``pydensecrf2`` package (the
+  ``pydensecrf`` module). ``refine_many`` runs a list of images in worker processes.
+* ``"tensorflow"``: the same mean-field updates in TensorFlow ops (``crf_tensorflow``):
+  batched, GPU-capable and usable inside a ``tf.function`` or SavedModel. Both
+  filters are a permutohedral lattice (Adams, Baek & Davis, Eurographics 2010)
+  built exactly as ``permutohedral.cpp`` of the reference code builds it: features
+  are lifted onto the lattice, values splatted onto the d + 1 vertices of each
+  point's simplex with barycentric weights, blurred by [1/2 1 1/2] along the d + 1
+  lattice directions and sliced back. Lattice vertices are found with ``tf.unique``
+  on integer codes instead of a hash table, and splat, blur and slice are sparse
+  matrix products whose structure is computed once per image.
+
+``search_params`` is the papers' coarse-to-fine grid search over (w1, sa, sb) on
+cached probabilities (v2 paper, section 4.1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import itertools
+import json
+import logging
+import math
+import multiprocessing
+import os
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from deeplab_tf.data.specs import IGNORE_LABEL
+from deeplab_tf.metrics import confusion_matrix_scores
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "pydensecrf", "tensorflow")
+# The unary is -log(max(P, floor)): a probability of exactly 0 would give an infinite
+# energy that no pairwise term could overcome (pydensecrf.utils.unary_from_softmax
+# clips at the same value).
+PROBABILITY_FLOOR = 1e-5
+# How far per-pixel probability sums may be from 1 before the input is refused:
+# catches logits passed where probabilities are expected.
+_SUM_TOLERANCE = 1e-3
+
+
+# === Parameters ===
+
+
+@dataclasses.dataclass(frozen=True)
+class CRFParams:
+    """The parameters of the dense CRF (DeepLab v2, equation 3, and section 4.1).
+
+    Attributes:
+        w1: weight of the bilateral (appearance) kernel.
+        sa: its spatial standard deviation sigma_alpha, in pixels.
+        sb: its colour standard deviation sigma_beta, in RGB levels (0..255).
+        w2: weight of the Gaussian (smoothness) kernel; the papers fix it to 3.
+        sg: its spatial standard deviation sigma_gamma, in pixels; fixed to 3.
+        iterations: mean-field iterations (10 in the papers); 0 returns the input
+            probabilities renormalised after flooring.
+
+    w1, sa and sb are cross-validated per model (``search_params``); the defaults
+    lie inside the v2 paper's search range (w1 in 3..6, sa in 30..100, sb in 3..6).
+    Files: ``save(path)`` writes the fields as JSON; ``load(path)`` reads such a
+    file, or a ``search_params`` result file (its ``"params"`` entry).
+    """
+
+    w1: float = 4.0
+    sa: float = 67.0
+    sb: float = 3.0
+    w2: float = 3.0
+    sg: float = 3.0
+    iterations: int = 10
+
+    def __post_init__(self):
+        for name in ("w1", "w2"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"CRF {name} must be a finite number >= 0, got {value!r}")
+        for name in ("sa", "sb", "sg"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"CRF {name} must be a finite number > 0, got {value!r}")
+        iterations = self.iterations
+        if isinstance(iterations, bool) or int(iterations) != iterations or iterations < 0:
+            raise ValueError(f"CRF iterations must be an integer >= 0, got {iterations!r}")
+        # Normalise the types so equal parameters compare and serialise equal.
+        for name in ("w1", "sa", "sb", "w2", "sg"):
+            object.__setattr__(self, name, float(getattr(self, name)))
+        object.__setattr__(self, "iterations", int(iterations))
+
+    def to_dict(self) -> dict[str, float | int]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CRFParams:
+        """Parameters from a mapping; unknown keys are an error, missing ones take defaults."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - fields)
+        if unknown:
+            raise ValueError(f"unknown CRF parameters {unknown}; allowed: {sorted(fields)}")
+        return cls(**d)
+
+    def save(self, path: str | Path) -> None:
+        """Writes the parameters as JSON (atomically)."""
+        _write_json_atomic(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path) -> CRFParams:
+        """Reads ``save``'s JSON or a ``write_search_result`` file (its ``"params"``)."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{path}: cannot read CRF parameters ({e})") from None
+        if isinstance(data, dict) and isinstance(data.get("params"), dict):
+            data = data["params"]
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: CRF parameters must be a JSON object")
+        try:
+            return cls.from_dict(data)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: {e}") from None
+
+
+def _write_json_atomic(path: str | Path, data: Any) -> None:
+    # deeplab_tf.training has the same helper, but importing training (Keras, the data
+    # pipeline) into worker processes only to write a file would slow them down.
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+# === Input checks and backend choice ===
+
+
+def check_inputs(image: Any, probabilities: Any) -> tuple[np.ndarray, np.ndarray]:
+    """``image`` uint8 [H, W, 3] and ``probabilities`` [H, W, C] (C >= 2) as numpy.
+
+    Raises a one-line ``ValueError`` for anything else: another dtype or channel
+    count, sizes that differ, probabilities that are negative, not finite, or whose
+    per-pixel sums are not 1 (logits passed by mistake).
+    """
+    image = np.asarray(image)
+    probabilities = np.asarray(probabilities)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(
+            f"CRF image must be uint8 RGB [H, W, 3], got {image.dtype} {list(image.shape)}"
+        )
+    if probabilities.ndim != 3 or probabilities.shape[-1] < 2:
+        raise ValueError(
+            f"CRF probabilities must be [H, W, C] with C >= 2, got {list(probabilities.shape)}"
+        )
+    if probabilities.shape[:2] != image.shape[:2]:
+        raise ValueError(
+            f"CRF probabilities are {probabilities.shape[0]}x{probabilities.shape[1]} but the "
+            f"image is {image.shape[0]}x{image.shape[1]}; resize them to the image first"
+        )
+    if not np.issubdtype(probabilities.dtype, np.floating):
+        raise ValueError(f"CRF probabilities must be floating point, got {probabilities.dtype}")
+    probabilities = probabilities.astype(np.float32, copy=False)
+    if not np.all(np.isfinite(probabilities)) or probabilities.min() < 0:
+        raise ValueError("CRF probabilities must be finite and >= 0")
+    sums = probabilities.sum(axis=-1)
+    if np.abs(sums - 1).max() > _SUM_TOLERANCE:
+        raise ValueError(
+            "CRF probabilities must sum to 1 over classes (apply a softmax to logits); "
+            f"sums range {sums.min():.4g}..{sums.max():.4g}"
+        )
+    return image, probabilities
+
+
+def pydensecrf_available() -> bool:
+    """Whether the ``pydensecrf`` module (package ``pydensecrf2``) can be imported."""
+    return importlib.util.find_spec("pydensecrf") is not None
+
+
+def resolve_backend(backend: str) -> str:
+    """``"pydensecrf"`` or ``"tensorflow"`` for a requested backend of ``BACKENDS``.
+
+    ``"auto"`` takes pydensecrf when it is installed. Without it, ``"auto"`` and
+    ``"pydensecrf"`` run the TensorFlow backend and the log says so.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown CRF backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    if backend == "tensorflow":
+        return backend
+    if pydensecrf_available():
+        return "pydensecrf"
+    logger.warning(
+        "pydensecrf2 is not installed (pip install pydensecrf2); using the TensorFlow CRF backend"
+    )
+    return "tensorflow"
+
+
+# === Public entry points ===
+
+
+def refine(
+    image: Any,
+    probabilities: Any,
+    params: CRFParams | None = None,
+    backend: str = "auto",
+) -> np.ndarray:
+    """Dense-CRF refined probabilities of one image.
+
+    Args:
+        image: RGB uint8 [H, W, 3], the image the probabilities were computed on.
+        probabilities: class probabilities [H, W, C] at the image's size (softmax
+            of the network's logits after upsampling).
+        params: ``CRFParams`` (defaults if None).
+        backend: one of ``BACKENDS`` (see ``resolve_backend``).
+
+    Returns:
+        float32 [H, W, C], each pixel's Q(x_i) after ``params.iterations`` mean-field
+        iterations (sums to 1 per pixel; argmax gives the refined labels).
+    """
+    params = params or CRFParams()
+    image, probabilities = check_inputs(image, probabilities)
+    if resolve_backend(backend) == "pydensecrf":
+        return _refine_pydensecrf(image, probabilities, params)
+    return _refine_tensorflow(image[None], probabilities[None], params)[0]
+
+
+def refine_many(
+    images: Sequence[Any],
+    probabilities: Sequence[Any],
+    params: CRFParams | None = None,
+    backend: str = "auto",
+    workers: int | None = None,
+) -> list[np.ndarray]:
+    """``refine`` over lists of images (sizes may differ), in input order.
+
+    The pydensecrf backend (single-threaded C++) runs in ``workers`` processes
+    (default: the CPU count); the TensorFlow backend runs in this process, where
+    TensorFlow uses every core (or the GPU) itself.
+    """
+    params = params or CRFParams()
+    if len(images) != len(probabilities):
+        raise ValueError(f"{len(images)} images but {len(probabilities)} probability maps")
+    pairs = [check_inputs(i, p) for i, p in zip(images, probabilities, strict=True)]
+    if resolve_backend(backend) == "tensorflow":
+        return [_refine_tensorflow(i[None], p[None], params)[0] for i, p in pairs]
+    with _process_pool(workers, pairs) as pool:
+        return list(pool.map(_refine_cached_pair, range(len(pairs)), itertools.repeat(params)))
+
+
+# === pydensecrf backend ===
+
+
+def _refine_pydensecrf(image: np.ndarray, probabilities: np.ndarray, params: CRFParams):
+    import pydensecrf.densecrf as dcrf  # optional dependency, imported when used
+
+    h, w, c = probabilities.shape
+    unary = -np.log(np.clip(probabilities.reshape(-1, c).T, PROBABILITY_FLOOR, 1.0))
+    crf = dcrf.DenseCRF2D(w, h, c)
+    crf.setUnaryEnergy(np.ascontiguousarray(unary, dtype=np.float32))
+    # Same kernel order as the TensorFlow backend, so float sums agree.
+    crf.addPairwiseGaussian(sxy=params.sg, compat=params.w2)
+    crf.addPairwiseBilateral(
+        sxy=params.sa, srgb=params.sb, rgbim=np.ascontiguousarray(image), compat=params.w1
+    )
+    q = np.asarray(crf.inference(params.iterations), dtype=np.float32)
+    return np.ascontiguousarray(q.T.reshape(h, w, c))
+
+
+# Worker-process state: the (image, probabilities[, labels]) tuples of a pool. With the
+# fork start method children inherit it without copies; elsewhere it is pickled once
+# per worker by the initializer, never once per task.
+_WORKER_DATA: list[tuple[np.ndarray, ...]] = []
+
+
+def _set_worker_data(data: list[tuple[np.ndarray, ...]]) -> None:
+    global _WORKER_DATA
+    _WORKER_DATA = data
+
+
+def _process_pool(workers: int | None, data: list[tuple[np.ndarray, ...]]) -> ProcessPoolExecutor:
+    workers = workers or os.cpu_count() or 1
+    # fork: the children share the parent's arrays; they run only numpy and the C++
+    # CRF, never TensorFlow, so TensorFlow's threads in the parent do not matter.
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    return ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=multiprocessing.get_context(method),
+        initializer=_set_worker_data,
+        initargs=(data,),
+    )
+
+
+def _refine_cached_pair(index: int, params: CRFParams) -> np.ndarray:
+    image, probabilities = _WORKER_DATA[index][:2]
+    return _refine_pydensecrf(image, probabilities, params)
+
+
+# === TensorFlow backend: permutohedral lattice ===
+
+
+def _lattice(features: tf.Tensor, image_ids: tf.Tensor, num_images: tf.Tensor):
+    """The permutohedral lattice of points ``features`` [P, d] (float32).
+
+    Points of different images (``image_ids`` [P] in [0, num_images)) never share a
+    vertex, so one lattice filters a whole batch. Follows ``Permutohedral::init`` of
+    Krähenbühl's densecrf (SSE variant) step by step, vectorised over points.
+
+    Returns:
+        vertices: int64 [P * (d+1), 2] (point, vertex) pairs, one per simplex corner;
+        weights: float32 [P * (d+1)] their barycentric weights;
+        blur: d+1 int64 [K_j, 2] (vertex, neighbour) pairs, one array per lattice
+            direction j, both neighbours (+ and -) where they exist;
+        num_vertices: int32 scalar M.
+    """
+    d = features.shape[-1]
+    d1 = d + 1
+    # Lift onto the hyperplane sum(x) = 0 of R^(d+1) (Adams et al., section 3.1),
+    # scaled so that the lattice blur approximates a Gaussian of unit deviation.
+    scale = np.array(
+        [math.sqrt(2.0 / 3.0) * d1 / math.sqrt((i + 1) * (i + 2)) for i in range(d)],
+        np.float32,
+    )
+    cf = features * scale
+    tail = tf.cumsum(cf, axis=1, reverse=True)  # tail[:, i] = sum_{k >= i} cf[:, k]
+    elevated = tf.concat(
+        [tail[:, :1], tf.pad(tail[:, 1:], [[0, 0], [0, 1]]) - np.arange(1, d1, dtype="f4") * cf],
+        axis=1,
+    )
+    # Nearest remainder-0 point, coordinate by coordinate (ties to even, like SSE rounding).
+    rounded = tf.round(elevated * np.float32(1.0 / d1))
+    total = tf.cast(tf.reduce_sum(rounded, axis=1, keepdims=True), tf.int32)
+    residual = elevated - rounded * d1
+    # rank[a] = how many coordinates are larger: the simplex the point lies in; ties
+    # go to the earlier coordinate, as in the reference loop.
+    a_i = residual[:, :, None]
+    a_j = residual[:, None, :]
+    later = np.triu(np.ones((d1, d1), bool), 1)
+    rank = tf.reduce_sum(
+        tf.cast(
+            tf.logical_or(tf.logical_and(later, a_i < a_j), tf.logical_and(later.T, a_j >= a_i)),
+            tf.int32,
+        ),
+        axis=2,
+    )
+    # Bring points whose rounded coordinates do not sum to 0 back onto the plane.
+    rank += total
+    wrap = tf.cast(rank < 0, tf.int32) - tf.cast(rank > d, tf.int32)
+    rank += d1 * wrap
+    rounded = tf.cast(rounded, tf.int32) + wrap
+    residual = (residual - tf.cast(d1 * wrap, tf.float32)) * np.float32(1.0 / d1)
+    # Barycentric weights (Adams et al., section 3.1 and p. 10).
+    position = d - rank
+    bary = tf.einsum(
+        "pi,pik->pk", residual, tf.one_hot(position, d1 + 1) - tf.one_hot(position + 1, d1 + 1)
+    )
+    weights = tf.concat([bary[:, :1] + 1.0 + bary[:, d1:], bary[:, 1:d1]], axis=1)
+
+    # Vertex r of the simplex: key_i = (d+1) rounded_i + r - (d+1) [rank_i + r > d]
+    # (the reference's canonical simplex), for i < d; the last coordinate is implied
+    # by sum(key) = 0. A vertex's code is the mixed-radix number of (key - low) and the
+    # image id, with room for the blur neighbours' +-d so that codes never alias.
+    r = np.arange(d1, dtype=np.int32)
+    keys = d1 * rounded[:, None, :d] + r[None, :, None]
+    keys -= d1 * tf.cast(rank[:, None, :d] + r[None, :, None] > d, tf.int32)
+    low = d1 * (tf.reduce_min(rounded[:, :d], axis=0) - 1) - d
+    radix = tf.cast(d1 * tf.reduce_max(rounded[:, :d], axis=0) + 2 * d - low + 1, tf.int64)
+    tf.debugging.assert_less(
+        tf.reduce_sum(tf.math.log(tf.cast(radix, tf.float64)))
+        + tf.math.log(tf.cast(num_images, tf.float64)),
+        tf.constant(62 * math.log(2.0), tf.float64),
+        message="CRF lattice codes overflow int64: feature range too large for sa / sb / sg",
+    )
+    strides = tf.math.cumprod(radix, exclusive=True)
+    codes = tf.reduce_sum(tf.cast(keys - low, tf.int64) * strides, axis=2)
+    codes += tf.cast(image_ids, tf.int64)[:, None] * tf.reduce_prod(radix)
+    unique_codes, first_seen_index = tf.unique(tf.reshape(codes, [-1]))
+    # Number vertices in code order: the blur's neighbours then lie at a constant code
+    # offset, so their look-ups and the blur's reads run through memory in order.
+    order = tf.argsort(unique_codes)
+    sorted_codes = tf.gather(unique_codes, order)
+    num_vertices = tf.size(sorted_codes)
+    sorted_index = tf.scatter_nd(order[:, None], tf.range(num_vertices), [num_vertices])
+    vertex_of = tf.gather(sorted_index, first_seen_index)
+    point_of = tf.repeat(tf.range(tf.shape(features)[0]), d1)
+    vertices = tf.cast(tf.stack([point_of, vertex_of], axis=1), tf.int64)
+
+    # Blur neighbours along lattice direction j: key + (-1, ..., -1, +d at j, -1, ...)
+    # and its opposite (the reference's n1 and n2). The relation is symmetric, so one
+    # search per direction finds both: u = n1(v) exactly when v = n2(u).
+    own = tf.range(num_vertices, dtype=tf.int64)
+    last = tf.cast(num_vertices - 1, tf.int64)
+    blur = []
+    for j in range(d1):
+        shift = (d1 * strides[j] if j < d else 0) - tf.reduce_sum(strides)
+        target = sorted_codes + shift
+        at = tf.minimum(tf.searchsorted(sorted_codes, target, out_type=tf.int64), last)
+        pairs = tf.boolean_mask(tf.stack([own, at], axis=1), tf.gather(sorted_codes, at) == target)
+        blur.append(tf.concat([pairs, tf.reverse(pairs, axis=[1])], axis=0))
+    return vertices, tf.reshape(weights, [-1]), blur, num_vertices
+
+
+class _LatticeFilter:
+    """Splat / blur / slice of one lattice as sparse matrix products (graph-safe).
+
+    ``__call__(values [P, C])`` returns the unnormalised filter response
+    alpha * S^T B_d ... B_0 S values (densecrf's ``Permutohedral::compute``).
+    """
+
+    def __init__(self, features: tf.Tensor, image_ids: tf.Tensor, num_images: tf.Tensor):
+        vertices, weights, blur, num_vertices = _lattice(features, image_ids, num_images)
+        num_points = tf.cast(tf.shape(features)[0], tf.int64)
+        m = tf.cast(num_vertices, tf.int64)
+        d = features.shape[-1]
+        # "alpha" of the reference: corrects the blur's gain so that the response
+        # approximates the unit-deviation Gaussian (Adams et al., section 3.1).
+        self.alpha = 1.0 / (1.0 + 2.0 ** (-d))
+        self.num_vertices = num_vertices
+        # S^T [P, M]: each point's d+1 vertices; splatting multiplies by its adjoint.
+        self.slice = tf.SparseTensor(vertices, weights, tf.stack([num_points, m]))
+        self.blur = [
+            tf.SparseTensor(pairs, tf.fill(tf.shape(pairs)[:1], 0.5), tf.stack([m, m]))
+            for pairs in blur
+        ]
+
+    def __call__(self, values: tf.Tensor) -> tf.Tensor:
+        lattice = tf.sparse.sparse_dense_matmul(self.slice, values, adjoint_a=True)
+        for neighbours in self.blur:  # B_j = I + (N_j+ + N_j-) / 2
+            lattice += tf.sparse.sparse_dense_matmul(neighbours, lattice)
+        return tf.sparse.sparse_dense_matmul(self.slice, lattice) * self.alpha
+
+
+def permutohedral_filter(features: Any, values: Any, normalize: bool = True) -> tf.Tensor:
+    """Gaussian filter sum_j exp(-|f_i - f_j|^2 / 2) v_j of points, on the lattice.
+
+    ``features`` [P, d], ``values`` [P, C]. With ``normalize`` the response is
+    D^-1/2 K D^-1/2 v (D = K 1), the symmetric normalisation the CRF uses; the
+    lattice's approximation error is measured against the exact filter in the tests.
+    """
+    features = tf.convert_to_tensor(features, tf.float32)
+    values = tf.convert_to_tensor(values, tf.float32)
+    image_ids = tf.zeros(tf.shape(features)[:1], tf.int32)
+    lattice = _LatticeFilter(features, image_ids, tf.constant(1))
+    if not normalize:
+        return lattice(values)
+    norm = tf.math.rsqrt(lattice(tf.ones_like(values[:, :1])) + 1e-20)
+    return lattice(values * norm) * norm
+
+
+# === TensorFlow backend: mean field ===
+
+
+def _kernel_features(images: tf.Tensor, sa: Any, sb: Any, sg: Any):
+    """Bilateral [P, 5] and Gaussian [P, 2] features of images [B, H, W, 3] (float32)."""
+    shape = tf.shape(images)
+    b, h, w = shape[0], shape[1], shape[2]
+    rows, cols = tf.meshgrid(tf.range(h), tf.range(w), indexing="ij")
+    # x is the column and y the row, as in DenseCRF2D.
+    xy = tf.cast(tf.tile(tf.stack([cols, rows], axis=-1)[None], [b, 1, 1, 1]), tf.float32)
+    xy = tf.reshape(xy, [-1, 2])
+    rgb = tf.reshape(tf.cast(images, tf.float32), [-1, 3])
+    bilateral = tf.concat([xy / sa, rgb / sb], axis=1)
+    image_ids = tf.repeat(tf.range(b), h * w)
+    return bilateral, xy / sg, image_ids, b
+
+
+def _mean_field(images, probabilities, w1, sa, sb, w2, sg, iterations) -> tf.Tensor:
+    shape = tf.shape(probabilities)
+    unary = -tf.math.log(
+        tf.clip_by_value(tf.cast(probabilities, tf.float32), PROBABILITY_FLOOR, 1.0)
+    )
+    unary = tf.reshape(unary, [-1, shape[-1]])
+    bilateral, spatial, image_ids, num_images = _kernel_features(images, sa, sb, sg)
+    kernels = []
+    # Same order as the pydensecrf backend: the Gaussian kernel first.
+    for weight, features in ((w2, spatial), (w1, bilateral)):
+        lattice = _LatticeFilter(features, image_ids, num_images)
+        norm = tf.math.rsqrt(lattice(tf.ones_like(unary[:, :1])) + 1e-20)
+        kernels.append((lattice, norm, tf.cast(weight, tf.float32) * norm))
+
+    def step(i, q):
+        # Potts: the message to label l is sum_k w_k K_k Q(l) (up to a per-pixel
+        # constant that the softmax removes).
+        logits = -unary
+        for lattice, norm, scale in kernels:
+            logits += lattice(q * norm) * scale
+        return i + 1, tf.nn.softmax(logits)
+
+    _, q = tf.while_loop(lambda i, q: i < iterations, step, (tf.constant(0), tf.nn.softmax(-unary)))
+    return tf.reshape(q, shape)
+
+
+def crf_tensorflow(images: Any, probabilities: Any, params: CRFParams | None = None) -> tf.Tensor:
+    """The dense CRF in TensorFlow ops, for a batch of equally sized images.
+
+    Args:
+        images: RGB [B, H, W, 3], uint8 or float in [0, 255].
+        probabilities: [B, H, W, C] class probabilities (softmax output).
+        params: ``CRFParams``; its values become constants of the graph.
+
+    Returns:
+        float32 [B, H, W, C] refined probabilities. Works eagerly, inside a
+        ``tf.function`` (unknown H, W and B) and in a SavedModel; on GPU where the
+        ops have GPU kernels (``tf.unique`` may run on the CPU).
+    """
+    params = params or CRFParams()
+    images = tf.convert_to_tensor(images)
+    probabilities = tf.convert_to_tensor(probabilities)
+    if images.shape.rank != 4 or images.shape[-1] != 3:
+        raise ValueError(f"CRF images must be [B, H, W, 3], got {images.shape}")
+    if probabilities.shape.rank != 4 or probabilities.shape[-1] is None:
+        raise ValueError(f"CRF probabilities must be [B, H, W, C], got {probabilities.shape}")
+    tf.debugging.assert_equal(
+        tf.shape(images)[:3],
+        tf.shape(probabilities)[:3],
+        message="CRF images and probabilities differ in batch or spatial size",
+    )
+    return _mean_field(
+        images,
+        probabilities,
+        params.w1,
+        params.sa,
+        params.sb,
+        params.w2,
+        params.sg,
+        params.iterations,
+    )
+
+
+# One trace serves every size and parameter value: the parameters are tensors.
+_mean_field_compiled = tf.function(_mean_field, reduce_retracing=True)
+
+
+def _refine_tensorflow(images: np.ndarray, probabilities: np.ndarray, params: CRFParams):
+    scalars = [tf.constant(float(getattr(params, k))) for k in ("w1", "sa", "sb", "w2", "sg")]
+    q = _mean_field_compiled(
+        tf.constant(images), tf.constant(probabilities), *scalars, tf.constant(params.iterations)
+    )
+    return q.numpy()
