@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 continue
             wall, cpu = _median_seconds(
-                lambda b=backend: crf.refine(image, probabilities, params, backend=b),
+                lambda b=backend, i=image, p=probabilities: crf.refine(i, p, params, backend=b),
                 1 if args.quick else args.repeats,
             )
             record = {

@@ -41,7 +41,7 @@ import logging
 import math
 import multiprocessing
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -557,3 +557,230 @@ def _refine_tensorflow(images: np.ndarray, probabilities: np.ndarray, params: CR
         tf.constant(images), tf.constant(probabilities), *scalars, tf.constant(params.iterations)
     )
     return q.numpy()
+
+
+# === Parameter search ===
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchGrid:
+    """Values of w1, sa and sb to try; defaults are the v2 paper's first round (section 4.1:
+    w1 in [3:6], sa in [30:10:100], sb in [3:6], MATLAB notation)."""
+
+    w1: tuple[float, ...] = (3.0, 4.0, 5.0, 6.0)
+    sa: tuple[float, ...] = tuple(float(v) for v in range(30, 101, 10))
+    sb: tuple[float, ...] = (3.0, 4.0, 5.0, 6.0)
+
+    def __post_init__(self):
+        for name in ("w1", "sa", "sb"):
+            values = tuple(sorted({float(v) for v in getattr(self, name)}))
+            if not values:
+                raise ValueError(f"CRF search grid for {name} is empty")
+            object.__setattr__(self, name, values)
+
+    def combinations(self, base: CRFParams) -> list[CRFParams]:
+        """Every (w1, sa, sb) of the grid with ``base``'s w2, sg and iterations."""
+        return [
+            dataclasses.replace(base, w1=w1, sa=sa, sb=sb)
+            for w1, sa, sb in itertools.product(self.w1, self.sa, self.sb)
+        ]
+
+    def around(self, best: CRFParams) -> SearchGrid:
+        """The next, finer round: each axis with several values steps by half its smallest
+        spacing around ``best`` (best - step/2, best, best + step/2, kept > 0 for sigmas
+        and >= 0 for weights); a single-valued axis stays as it is."""
+        axes = {}
+        for name in ("w1", "sa", "sb"):
+            values = getattr(self, name)
+            centre = getattr(best, name)
+            if len(values) < 2:
+                axes[name] = values
+                continue
+            half = min(b - a for a, b in itertools.pairwise(values)) / 2
+            candidates = (centre - half, centre, centre + half)
+            axes[name] = tuple(v for v in candidates if v > 0 or (name == "w1" and v == 0))
+        return SearchGrid(**axes)
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchResult:
+    """Outcome of ``search_params``: the best parameters and every evaluated row.
+
+    ``rows`` are dicts (w1, sa, sb, round, mean_iou, pixel_accuracy), best first;
+    ``baseline_mean_iou`` is the score of the probabilities' argmax without CRF.
+    """
+
+    best: CRFParams
+    best_mean_iou: float
+    baseline_mean_iou: float
+    rows: tuple[dict[str, float | int], ...]
+    num_images: int
+    backend: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form; ``CRFParams.load`` reads its ``"params"`` entry."""
+        return {
+            "params": self.best.to_dict(),
+            "mean_iou": self.best_mean_iou,
+            "baseline_mean_iou": self.baseline_mean_iou,
+            "num_images": self.num_images,
+            "backend": self.backend,
+            "results": list(self.rows),
+        }
+
+
+def write_search_result(path: str | Path, result: SearchResult) -> None:
+    """Writes ``result.to_dict()`` as JSON atomically; ``--crf-params`` can read the file."""
+    _write_json_atomic(path, result.to_dict())
+
+
+def format_results_table(result: SearchResult, top: int = 10) -> str:
+    """The ``top`` rows of a search as a plain-text table, best first."""
+    lines = [
+        f"CRF search on {result.num_images} images ({result.backend}): without CRF "
+        f"mIoU {100 * result.baseline_mean_iou:.2f}; best {100 * result.best_mean_iou:.2f}",
+        f"{'rank':>4} {'round':>5} {'w1':>6} {'sa':>7} {'sb':>6} {'mIoU':>7} {'pix acc':>7}",
+    ]
+    for rank, row in enumerate(result.rows[:top], start=1):
+        lines.append(
+            f"{rank:>4} {row['round']:>5} {row['w1']:>6.3g} {row['sa']:>7.4g} {row['sb']:>6.3g} "
+            f"{100 * row['mean_iou']:>7.2f} {100 * row['pixel_accuracy']:>7.2f}"
+        )
+    return "\n".join(lines)
+
+
+def search_params(
+    images: Sequence[Any],
+    probabilities: Sequence[Any],
+    labels: Sequence[Any],
+    num_classes: int,
+    grid: SearchGrid | None = None,
+    base: CRFParams | None = None,
+    rounds: int = 2,
+    backend: str = "auto",
+    workers: int | None = None,
+    ignore_label: int = IGNORE_LABEL,
+    progress: Callable[[int, int], None] | None = None,
+) -> SearchResult:
+    """Coarse-to-fine grid search of w1, sa, sb maximising mean IoU (v2 paper, sec. 4.1).
+
+    Round 1 evaluates every combination of ``grid`` (the paper's ranges by default)
+    with ``base``'s w2, sg and iterations (3, 3, 10: fixed in the paper); each later
+    round evaluates ``grid.around(best)``, the step halved around the best so far.
+    The score is the mean IoU of the confusion matrix summed over all images (the
+    split's metric), so large and small images weigh by their pixels.
+
+    Args:
+        images, probabilities: the cached inputs of ``refine`` (uint8 [H, W, 3] and
+            [H, W, C] per image; sizes may differ between images).
+        labels: ground truth [H, W] per image; ``ignore_label`` pixels do not count.
+        num_classes: C.
+        rounds: 1 for the coarse grid only.
+        backend: ``BACKENDS``; pydensecrf runs (combination, image) pairs in
+            ``workers`` processes (default: the CPU count).
+        progress: called as ``progress(done, total)`` after each evaluated pair.
+    """
+    grid = grid or SearchGrid()
+    base = base or CRFParams()
+    if rounds < 1:
+        raise ValueError(f"CRF search rounds must be >= 1, got {rounds}")
+    if not len(images) == len(probabilities) == len(labels) or not len(images):
+        raise ValueError(
+            f"CRF search needs as many images, probability maps and labels (>= 1); got "
+            f"{len(images)}, {len(probabilities)}, {len(labels)}"
+        )
+    data = []
+    for i, (image, probs, label) in enumerate(zip(images, probabilities, labels, strict=True)):
+        image, probs = check_inputs(image, probs)
+        label = np.asarray(label)
+        if label.shape != image.shape[:2]:
+            raise ValueError(
+                f"labels of image {i} are {list(label.shape)}, expected {list(image.shape[:2])}"
+            )
+        if probs.shape[-1] != num_classes:
+            raise ValueError(
+                f"probabilities of image {i} have {probs.shape[-1]} classes, expected {num_classes}"
+            )
+        bad = (label != ignore_label) & ((label < 0) | (label >= num_classes))
+        if bad.any():
+            raise ValueError(f"labels of image {i} hold values outside 0..{num_classes - 1}")
+        data.append((image, probs, label.astype(np.int64)))
+    backend = resolve_backend(backend)
+    workers = workers or os.cpu_count() or 1
+
+    baseline = sum(
+        _confusion(label, probs.argmax(-1), num_classes, ignore_label) for _, probs, label in data
+    )
+    scores: dict[CRFParams, tuple[int, dict[str, float]]] = {}
+    best = None
+    pool = _process_pool(workers, data) if backend == "pydensecrf" else None
+    try:
+        for round_number in range(1, rounds + 1):
+            if round_number > 1:
+                grid = grid.around(best)
+            todo = [p for p in grid.combinations(base) if p not in scores]
+            confusions = _evaluate(todo, data, num_classes, ignore_label, pool, workers, progress)
+            for params, confusion in zip(todo, confusions, strict=True):
+                scores[params] = (round_number, _scores(confusion))
+            best = max(scores, key=lambda p: scores[p][1]["mean_iou"])  # first of equals
+    finally:
+        if pool is not None:
+            pool.shutdown()
+
+    rows = [{"w1": p.w1, "sa": p.sa, "sb": p.sb, "round": r, **s} for p, (r, s) in scores.items()]
+    rows.sort(key=lambda row: -row["mean_iou"])  # stable: evaluation order breaks ties
+    return SearchResult(
+        best=best,
+        best_mean_iou=scores[best][1]["mean_iou"],
+        baseline_mean_iou=_scores(baseline)["mean_iou"],
+        rows=tuple(rows),
+        num_images=len(data),
+        backend=backend,
+    )
+
+
+def _confusion(label: np.ndarray, prediction: np.ndarray, num_classes: int, ignore_label: int):
+    valid = label != ignore_label
+    cells = label[valid] * num_classes + prediction[valid]
+    return np.bincount(cells, minlength=num_classes**2).reshape(num_classes, num_classes)
+
+
+def _scores(confusion: np.ndarray) -> dict[str, float]:
+    scores = confusion_matrix_scores(confusion)
+    return {k: float(scores[k]) for k in ("mean_iou", "pixel_accuracy")}
+
+
+def _evaluate(todo, data, num_classes, ignore_label, pool, workers, progress) -> list[np.ndarray]:
+    """Summed confusion matrix of each parameter set in ``todo`` over ``data``."""
+    tasks = [(k, i) for k in range(len(todo)) for i in range(len(data))]
+    totals = [np.zeros((num_classes, num_classes), np.int64) for _ in todo]
+    if pool is not None:
+        results = pool.map(
+            _confusion_task,
+            [todo[k] for k, _ in tasks],
+            [i for _, i in tasks],
+            itertools.repeat(num_classes),
+            itertools.repeat(ignore_label),
+            chunksize=max(1, len(tasks) // (8 * workers)),
+        )
+    else:
+        results = (
+            _confusion(
+                data[i][2],
+                _refine_tensorflow(data[i][0][None], data[i][1][None], todo[k])[0].argmax(-1),
+                num_classes,
+                ignore_label,
+            )
+            for k, i in tasks
+        )
+    for done, ((k, _), confusion) in enumerate(zip(tasks, results, strict=True), start=1):
+        totals[k] += confusion
+        if progress is not None:
+            progress(done, len(tasks))
+    return totals
+
+
+def _confusion_task(params: CRFParams, index: int, num_classes: int, ignore_label: int):
+    image, probabilities, label = _WORKER_DATA[index]
+    prediction = _refine_pydensecrf(image, probabilities, params).argmax(-1)
+    return _confusion(label, prediction, num_classes, ignore_label)
