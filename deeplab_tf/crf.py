@@ -387,13 +387,14 @@ def _lattice(features: tf.Tensor, image_ids: tf.Tensor, num_images: tf.Tensor):
     keys -= d1 * tf.cast(rank[:, None, :d] + r[None, :, None] > d, tf.int32)
     low = d1 * (tf.reduce_min(rounded[:, :d], axis=0) - 1) - d
     radix = tf.cast(d1 * tf.reduce_max(rounded[:, :d], axis=0) + 2 * d - low + 1, tf.int64)
-    tf.debugging.assert_less(
+    fits = tf.debugging.assert_less(
         tf.reduce_sum(tf.math.log(tf.cast(radix, tf.float64)))
         + tf.math.log(tf.cast(num_images, tf.float64)),
         tf.constant(62 * math.log(2.0), tf.float64),
         message="CRF lattice codes overflow int64: feature range too large for sa / sb / sg",
     )
-    strides = tf.math.cumprod(radix, exclusive=True)
+    with tf.control_dependencies([fits]):
+        strides = tf.math.cumprod(radix, exclusive=True)
     codes = tf.reduce_sum(tf.cast(keys - low, tf.int64) * strides, axis=2)
     codes += tf.cast(image_ids, tf.int64)[:, None] * tf.reduce_prod(radix)
     unique_codes, first_seen_index = tf.unique(tf.reshape(codes, [-1]))
@@ -415,7 +416,9 @@ def _lattice(features: tf.Tensor, image_ids: tf.Tensor, num_images: tf.Tensor):
         shift = (d1 * strides[j] if j < d else 0) - tf.reduce_sum(strides)
         target = sorted_codes + shift
         at = tf.minimum(tf.searchsorted(sorted_codes, target, out_type=tf.int64), last)
-        pairs = tf.boolean_mask(tf.stack([own, at], axis=1), tf.gather(sorted_codes, at) == target)
+        pairs = tf.boolean_mask(
+            tf.stack([own, at], axis=1), tf.equal(tf.gather(sorted_codes, at), target)
+        )
         blur.append(pairs)
     return vertex_of, weights, blur, num_vertices
 
