@@ -280,9 +280,9 @@ def _refine_pydensecrf(image: np.ndarray, probabilities: np.ndarray, params: CRF
     crf.setUnaryEnergy(np.ascontiguousarray(unary, dtype=np.float32))
     # Same kernel order as the TensorFlow backend, so float sums agree.
     crf.addPairwiseGaussian(sxy=params.sg, compat=params.w2)
-    crf.addPairwiseBilateral(
-        sxy=params.sa, srgb=params.sb, rgbim=np.ascontiguousarray(image), compat=params.w1
-    )
+    # pydensecrf takes a writable C-contiguous buffer (PIL's arrays are read-only).
+    rgb = np.array(image, order="C", copy=not image.flags.writeable or None)
+    crf.addPairwiseBilateral(sxy=params.sa, srgb=params.sb, rgbim=rgb, compat=params.w1)
     q = np.asarray(crf.inference(params.iterations), dtype=np.float32)
     return np.ascontiguousarray(q.T.reshape(h, w, c))
 

@@ -110,6 +110,7 @@ def test_zero_iterations_return_the_input_argmax(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_probabilities_stay_normalised(backend):
     image, probabilities, _ = shapes_case(1)
+    image.flags.writeable = False  # as np.asarray(PIL image) gives
     q = crf.refine(image, probabilities, backend=backend)
     assert q.dtype == np.float32 and q.shape == probabilities.shape
     assert q.min() >= 0
