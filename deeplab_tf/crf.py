@@ -51,6 +51,7 @@ import tensorflow as tf
 
 from deeplab_tf.data.specs import IGNORE_LABEL
 from deeplab_tf.metrics import confusion_matrix_scores
+from deeplab_tf.training import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +125,7 @@ class CRFParams:
 
     def save(self, path: str | Path) -> None:
         """Writes the parameters as JSON (atomically)."""
-        _write_json_atomic(path, self.to_dict())
+        write_json_atomic(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> CRFParams:
@@ -142,16 +143,6 @@ class CRFParams:
             return cls.from_dict(data)
         except (TypeError, ValueError) as e:
             raise ValueError(f"{path}: {e}") from None
-
-
-def _write_json_atomic(path: str | Path, data: Any) -> None:
-    # deeplab_tf.training has the same helper, but importing training (Keras, the data
-    # pipeline) into worker processes only to write a file would slow them down.
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 # === Input checks and backend choice ===
@@ -654,7 +645,7 @@ class SearchResult:
 
 def write_search_result(path: str | Path, result: SearchResult) -> None:
     """Writes ``result.to_dict()`` as JSON atomically; ``--crf-params`` can read the file."""
-    _write_json_atomic(path, result.to_dict())
+    write_json_atomic(path, result.to_dict())
 
 
 def format_results_table(result: SearchResult, top: int = 10) -> str:
