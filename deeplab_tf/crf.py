@@ -449,7 +449,9 @@ class _LatticeFilter:
         lattice = tf.sparse.sparse_dense_matmul(self.slice, values, adjoint_a=True)
         for neighbours in self.blur:
             lattice += tf.sparse.sparse_dense_matmul(neighbours, lattice)
-        return tf.sparse.sparse_dense_matmul(self.slice, lattice) * self.alpha
+        result = tf.sparse.sparse_dense_matmul(self.slice, lattice) * self.alpha
+        result.set_shape(values.shape)  # the sparse product loses the static point count
+        return result
 
 
 def permutohedral_filter(features: Any, values: Any, normalize: bool = True) -> tf.Tensor:

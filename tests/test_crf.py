@@ -89,6 +89,10 @@ def test_restores_sharp_boundary_of_blurred_probabilities(backend):
 
 def test_backends_agree():
     cases = [disc_case(seed) for seed in range(2)] + [shapes_case(seed) for seed in range(2)]
+    rng = np.random.default_rng(0)
+    for h, w in ((1, 1), (1, 5), (3, 2)):  # degenerate sizes: lattices of a few points
+        probabilities = rng.dirichlet(np.ones(3), (h, w)).astype(np.float32)
+        cases.append((rng.integers(0, 256, (h, w, 3), dtype=np.uint8), probabilities, None))
     for params in (crf.CRFParams(), crf.CRFParams(w1=6, sa=30, sb=5, iterations=5)):
         for image, probabilities, _ in cases:
             reference = crf.refine(image, probabilities, params, backend="pydensecrf")
