@@ -42,7 +42,7 @@ import math
 import multiprocessing
 import os
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -233,7 +233,7 @@ def refine(
     image, probabilities = check_inputs(image, probabilities)
     if resolve_backend(backend) == "pydensecrf":
         return _refine_pydensecrf(image, probabilities, params)
-    return _refine_tensorflow(image[None], probabilities[None], params)[0]
+    return _refine_tensorflow(image, probabilities, params)
 
 
 def refine_many(
@@ -245,18 +245,19 @@ def refine_many(
 ) -> list[np.ndarray]:
     """``refine`` over lists of images (sizes may differ), in input order.
 
-    The pydensecrf backend (single-threaded C++) runs in ``workers`` processes
-    (default: the CPU count); the TensorFlow backend runs in this process, where
-    TensorFlow uses every core (or the GPU) itself.
+    Images run in ``workers`` at once (default: the CPU count): processes for the
+    pydensecrf backend (single-threaded C++), threads for the TensorFlow backend,
+    whose sparse products also use one core each.
     """
     params = params or CRFParams()
     if len(images) != len(probabilities):
         raise ValueError(f"{len(images)} images but {len(probabilities)} probability maps")
     pairs = [check_inputs(i, p) for i, p in zip(images, probabilities, strict=True)]
-    if resolve_backend(backend) == "tensorflow":
-        return [_refine_tensorflow(i[None], p[None], params)[0] for i, p in pairs]
-    with _process_pool(workers, pairs) as pool:
-        return list(pool.map(_refine_cached_pair, range(len(pairs)), itertools.repeat(params)))
+    backend = resolve_backend(backend)
+    with _pool(backend, workers, pairs) as pool:
+        if backend == "pydensecrf":
+            return list(pool.map(_refine_cached_pair, range(len(pairs)), itertools.repeat(params)))
+        return list(pool.map(lambda pair: _refine_tensorflow(*pair, params), pairs))
 
 
 # === pydensecrf backend ===
@@ -289,8 +290,12 @@ def _set_worker_data(data: list[tuple[np.ndarray, ...]]) -> None:
     _WORKER_DATA = data
 
 
-def _process_pool(workers: int | None, data: list[tuple[np.ndarray, ...]]) -> ProcessPoolExecutor:
+def _pool(backend: str, workers: int | None, data: list[tuple[np.ndarray, ...]]) -> Executor:
+    """Worker processes holding ``data`` (pydensecrf) or threads (TensorFlow)."""
     workers = workers or os.cpu_count() or 1
+    if backend == "tensorflow":
+        # Threads suffice: TensorFlow releases the GIL while its ops run.
+        return ThreadPoolExecutor(max_workers=workers)
     # fork: the children share the parent's arrays; they run only numpy and the C++
     # CRF, never TensorFlow, so TensorFlow's threads in the parent do not matter.
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
@@ -516,10 +521,11 @@ def _mean_field(images, probabilities, w1, sa, sb, w2, sg, iterations) -> tf.Ten
     def step(i, q):
         # Potts: the message to label l is sum_k w_k K_k Q(l) (up to a per-pixel
         # constant that the softmax removes).
-        logits = -unary
-        for lattice, norm, scale in kernels:
-            logits += lattice(q * norm) * scale
-        return i + 1, tf.nn.softmax(logits)
+        (gaussian, norm_g, scale_g), (bilateral, norm_b, scale_b) = kernels
+        messages = gaussian(q * norm_g) * scale_g + bilateral(q * norm_b) * scale_b
+        # No sum of three: Grappler turns it into an AddN and then into a temporary
+        # variable, which fails under concurrent calls (AlreadyExistsError).
+        return i + 1, tf.nn.softmax(messages - unary)
 
     _, q = tf.while_loop(lambda i, q: i < iterations, step, (tf.constant(0), tf.nn.softmax(-unary)))
     q = tf.scatter_nd(order[:, None], q, tf.shape(q))
@@ -567,12 +573,15 @@ def crf_tensorflow(images: Any, probabilities: Any, params: CRFParams | None = N
 _mean_field_compiled = tf.function(_mean_field, reduce_retracing=True)
 
 
-def _refine_tensorflow(images: np.ndarray, probabilities: np.ndarray, params: CRFParams):
+def _refine_tensorflow(image: np.ndarray, probabilities: np.ndarray, params: CRFParams):
     scalars = [tf.constant(float(getattr(params, k))) for k in ("w1", "sa", "sb", "w2", "sg")]
     q = _mean_field_compiled(
-        tf.constant(images), tf.constant(probabilities), *scalars, tf.constant(params.iterations)
+        tf.constant(image[None]),
+        tf.constant(probabilities[None]),
+        *scalars,
+        tf.constant(params.iterations),
     )
-    return q.numpy()
+    return q[0].numpy()
 
 
 # === Parameter search ===
@@ -722,26 +731,20 @@ def search_params(
             raise ValueError(f"labels of image {i} hold values outside 0..{num_classes - 1}")
         data.append((image, probs, label.astype(np.int64)))
     backend = resolve_backend(backend)
-    workers = workers or os.cpu_count() or 1
-
     baseline = sum(
         _confusion(label, probs.argmax(-1), num_classes, ignore_label) for _, probs, label in data
     )
     scores: dict[CRFParams, tuple[int, dict[str, float]]] = {}
     best = None
-    pool = _process_pool(workers, data) if backend == "pydensecrf" else None
-    try:
+    with _pool(backend, workers, data) as pool:
         for round_number in range(1, rounds + 1):
             if round_number > 1:
                 grid = grid.around(best)
             todo = [p for p in grid.combinations(base) if p not in scores]
-            confusions = _evaluate(todo, data, num_classes, ignore_label, pool, workers, progress)
+            confusions = _evaluate(todo, data, num_classes, ignore_label, backend, pool, progress)
             for params, confusion in zip(todo, confusions, strict=True):
                 scores[params] = (round_number, _scores(confusion))
             best = max(scores, key=lambda p: scores[p][1]["mean_iou"])  # first of equals
-    finally:
-        if pool is not None:
-            pool.shutdown()
 
     rows = [{"w1": p.w1, "sa": p.sa, "sb": p.sb, "round": r, **s} for p, (r, s) in scores.items()]
     rows.sort(key=lambda row: -row["mean_iou"])  # stable: evaluation order breaks ties
@@ -766,34 +769,30 @@ def _scores(confusion: np.ndarray) -> dict[str, float]:
     return {k: float(scores[k]) for k in ("mean_iou", "pixel_accuracy")}
 
 
-def _evaluate(todo, data, num_classes, ignore_label, pool, workers, progress) -> list[np.ndarray]:
+def _evaluate(todo, data, num_classes, ignore_label, backend, pool, progress) -> list[np.ndarray]:
     """Summed confusion matrix of each parameter set in ``todo`` over ``data``."""
-    tasks = [(k, i) for k in range(len(todo)) for i in range(len(data))]
-    totals = [np.zeros((num_classes, num_classes), np.int64) for _ in todo]
-    if pool is not None:
+    tasks = [(params, i) for params in todo for i in range(len(data))]
+    if backend == "pydensecrf":
         results = pool.map(
             _confusion_task,
-            [todo[k] for k, _ in tasks],
-            [i for _, i in tasks],
+            *zip(*tasks, strict=True),
             itertools.repeat(num_classes),
             itertools.repeat(ignore_label),
-            chunksize=max(1, len(tasks) // (8 * workers)),
+            chunksize=max(1, len(tasks) // 64),  # a few chunks per worker: balance
         )
     else:
-        results = (
-            _confusion(
-                data[i][2],
-                _refine_tensorflow(data[i][0][None], data[i][1][None], todo[k])[0].argmax(-1),
-                num_classes,
-                ignore_label,
-            )
-            for k, i in tasks
-        )
-    for done, ((k, _), confusion) in enumerate(zip(tasks, results, strict=True), start=1):
-        totals[k] += confusion
+
+        def task(params, i):
+            prediction = _refine_tensorflow(data[i][0], data[i][1], params).argmax(-1)
+            return _confusion(data[i][2], prediction, num_classes, ignore_label)
+
+        results = pool.map(task, *zip(*tasks, strict=True))
+    totals = {params: np.zeros((num_classes, num_classes), np.int64) for params in todo}
+    for done, ((params, _), confusion) in enumerate(zip(tasks, results, strict=True), start=1):
+        totals[params] += confusion
         if progress is not None:
             progress(done, len(tasks))
-    return totals
+    return [totals[params] for params in todo]
 
 
 def _confusion_task(params: CRFParams, index: int, num_classes: int, ignore_label: int):

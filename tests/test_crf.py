@@ -166,12 +166,15 @@ def test_missing_pydensecrf_falls_back_to_tensorflow_with_a_log_line(monkeypatch
         crf.resolve_backend("cuda")
 
 
-def test_refine_many_in_worker_processes_matches_refine():
-    cases = [shapes_case(0), disc_case(1), shapes_case(2, h=24, w=30)]
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_refine_many_in_parallel_workers_matches_refine(backend):
+    # Processes for pydensecrf, threads for TensorFlow (concurrent calls of one graph).
+    cases = [shapes_case(0), disc_case(1), shapes_case(2, h=24, w=30), shapes_case(3)]
     images, probabilities, _ = zip(*cases, strict=True)
-    refined = crf.refine_many(images, probabilities, backend="pydensecrf", workers=2)
+    refined = crf.refine_many(images, probabilities, backend=backend, workers=3)
+    assert len(refined) == len(cases)
     for (image, probs, _), q in zip(cases, refined, strict=True):
-        np.testing.assert_array_equal(q, crf.refine(image, probs, backend="pydensecrf"))
+        np.testing.assert_allclose(q, crf.refine(image, probs, backend=backend), atol=1e-6)
 
 
 # === The TensorFlow backend ===
