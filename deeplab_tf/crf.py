@@ -82,7 +82,8 @@ class CRFParams:
             probabilities renormalised after flooring.
 
     w1, sa and sb are cross-validated per model (``search_params``); the defaults
-    lie inside the v2 paper's search range (w1 in 3..6, sa in 30..100, sb in 3..6).
+    lie inside the v2 paper's search range (w1 in 3..6, sa in 30..100, sb in 3..6);
+    (4, 67, 3) are values often used with DeepLab v2 models, a starting point only.
     Files: ``save(path)`` writes the fields as JSON; ``load(path)`` reads such a
     file, or a ``search_params`` result file (its ``"params"`` entry).
     """
