@@ -576,12 +576,20 @@ _mean_field_compiled = tf.function(_mean_field, reduce_retracing=True)
 
 def _refine_tensorflow(image: np.ndarray, probabilities: np.ndarray, params: CRFParams):
     scalars = [tf.constant(float(getattr(params, k))) for k in ("w1", "sa", "sb", "w2", "sg")]
-    q = _mean_field_compiled(
-        tf.constant(image[None]),
-        tf.constant(probabilities[None]),
-        *scalars,
-        tf.constant(params.iterations),
-    )
+    try:
+        q = _mean_field_compiled(
+            tf.constant(image[None]),
+            tf.constant(probabilities[None]),
+            *scalars,
+            tf.constant(params.iterations),
+        )
+    except tf.errors.InvalidArgumentError as e:
+        if "overflow" not in e.message:
+            raise
+        raise ValueError(
+            f"CRF sa={params.sa}, sb={params.sb}, sg={params.sg} are too small for this "
+            "image: its lattice coordinates overflow int64"
+        ) from None
     return q[0].numpy()
 
 

@@ -140,6 +140,12 @@ def test_bad_inputs_raise_clear_errors(image, probabilities, message):
             crf.refine(image, probabilities, backend=backend)
 
 
+def test_tiny_sigmas_that_overflow_the_lattice_raise_a_clear_error():
+    image, probabilities, _ = shapes_case(0, h=20, w=20)
+    with pytest.raises(ValueError, match="too small for this image"):
+        crf.refine(image, probabilities, crf.CRFParams(sa=0.001, sb=0.0005), "tensorflow")
+
+
 def test_params_validation_and_json_round_trip(tmp_path):
     params = crf.CRFParams(w1=5, sa=80, sb=4, iterations=7)
     params.save(tmp_path / "crf.json")
