@@ -57,6 +57,12 @@ def run_layer_checks(
     assert type(loaded.layers[-1]) is type(layer)
 
 
+def assert_same_weights(a: keras.layers.Layer, b: keras.layers.Layer) -> None:
+    """Layers (or models) ``a`` and ``b`` hold equal weights, in the same order."""
+    for x, y in zip(a.get_weights(), b.get_weights(), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
 def numpy_atrous_conv2d(x: np.ndarray, w: np.ndarray, rate: int, padding: str) -> np.ndarray:
     """y[n, i, j, o] = sum_{a, b, c} x[n, i + rate*a, j + rate*b, c] w[a, b, c, o]."""
     k = w.shape[0]
