@@ -12,7 +12,7 @@ from deeplab_tf import build_model, get_variant
 from deeplab_tf.backbones import WeightsUnavailableError, build_backbone, transfer_weights, vgg
 from deeplab_tf.backbones.vgg import decimation_taps, fc_kernels_from_dense
 from deeplab_tf.model import added_layer_names
-from tests.helpers import assert_same_weights
+from tests.helpers import assert_close_relative, assert_same_weights
 
 rng = np.random.default_rng(0)
 
@@ -109,7 +109,7 @@ class TestImageNetConvolutions:
         names = [f"block5_conv{i}" for i in (1, 2, 3)]
         dense = _apply(ours, [n for name in names for n in (name, f"{name}_relu")], x)
         sparse = _apply(reference, names, x[:, ::2, ::2])
-        np.testing.assert_allclose(dense[:, ::2, ::2], sparse, rtol=1e-4, atol=1e-3)
+        assert_close_relative(dense[:, ::2, ::2], sparse, 1e-5)
 
 
 class TestFcConversion:
@@ -216,7 +216,7 @@ class TestV2AsppOnVgg:
         branches = [model.get_layer(f"logits_{i}").output for i in (1, 2, 3, 4)]
         probe = keras.Model(model.input, [*branches, model.output])
         *parts, total = probe(rng.uniform(0, 255, size=(1, 33, 41, 3)).astype("float32"))
-        np.testing.assert_allclose(np.asarray(total), np.sum(parts, axis=0), atol=1e-5)
+        assert_close_relative(total, np.sum(parts, axis=0), 1e-5)
 
 
 class TestMultiscaleFeatures:
@@ -234,7 +234,7 @@ class TestMultiscaleFeatures:
         extra = sum(_conv(3, c, 128) + _conv(1, 128, 128) for c in mlp_inputs)
         assert msc.count_params() - largefov.count_params() == extra + _conv(1, 640, 21)
         x = rng.uniform(0, 255, size=(1, 41, 41, 3)).astype("float32")
-        np.testing.assert_allclose(np.asarray(msc(x)), np.asarray(largefov(x)), atol=1e-5)
+        assert_close_relative(msc(x), largefov(x), 1e-5)
         assert msc.get_layer("msc_image_conv1").strides == (8, 8)
 
 
