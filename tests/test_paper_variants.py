@@ -9,9 +9,10 @@ import pytest
 
 from deeplab_tf import VARIANTS, build_model, get_variant
 from deeplab_tf.backbones.vgg import VGG_BACKBONES
-from deeplab_tf.data.shapes import SPEC, render_example
+from deeplab_tf.data.shapes import SPEC, ensure_shapes_tfrecords, render_example
 from deeplab_tf.recipes import default_recipe
 from deeplab_tf.training import TrainConfig, compile_model, save_model_atomic
+from deeplab_tf.training import train as run_training
 from tests.helpers import assert_close_relative
 
 PAPER_VARIANTS = [
@@ -151,3 +152,32 @@ def test_trains_a_few_steps_and_round_trips(name, first_stage_checkpoints, tmp_p
     loaded = keras.models.load_model(path, compile=False)
     assert type(loaded) is type(model) and loaded.name == name
     assert_close_relative(loaded(x), model(x), 1e-5, varies=False)
+
+
+def test_train_runs_a_v1_recipe_end_to_end(tmp_path):
+    """``train()`` with a v1 recipe: logits at the output stride for the loss (labels
+    subsampled), validation against full-size labels, prediction images in
+    TensorBoard at the image size, checkpoints."""
+    data_dir = ensure_shapes_tfrecords(tmp_path / "shapes", num_train=4, num_val=2, image_size=33)
+    recipe = dataclasses.replace(
+        default_recipe("deeplabv1-largefov", "pascal_voc_2012"),
+        train_split="train",
+        crop_size=33,
+        batch_size=2,
+        steps=2,
+        checkpoint_every=1,
+    )
+    variant = dataclasses.replace(get_variant("deeplabv1-largefov"), head_filters=32)
+    config = TrainConfig(
+        variant,
+        recipe,
+        str(tmp_path / "run"),
+        data_dir=str(data_dir),
+        atrous_implementation="dilated",
+        verbose=0,
+    )
+    results = run_training(config)
+    assert results["steps"] == 2 and 0 <= results["mean_iou"] <= 1
+    assert {"best.keras", "last.keras", "results.json"} <= {
+        p.name for p in (tmp_path / "run").iterdir()
+    }
