@@ -148,7 +148,8 @@ class AtrousConv2D(layers.Layer):
 
     Args:
         filters: number of output channels.
-        kernel_size: odd integer, the kernel is square.
+        kernel_size: the square kernel's size; with 'same' padding an even size (the v1
+            4x4 fc6) is centred when (kernel_size - 1) * rate is even.
         rate: dilation rate; the effective kernel size is k + (k - 1)(rate - 1).
         implementation: one of ``ATROUS_IMPLEMENTATIONS``.
         padding: ``"same"`` or ``"valid"``.

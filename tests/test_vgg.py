@@ -11,8 +11,9 @@ import pytest
 from deeplab_tf import build_model, get_variant
 from deeplab_tf.backbones import WeightsUnavailableError, build_backbone, transfer_weights, vgg
 from deeplab_tf.backbones.vgg import decimation_taps, fc_kernels_from_dense
+from deeplab_tf.layers import ATROUS_IMPLEMENTATIONS, AtrousConv2D
 from deeplab_tf.model import added_layer_names
-from tests.helpers import assert_close_relative, assert_same_weights
+from tests.helpers import assert_close_relative, assert_same_weights, numpy_atrous_conv2d
 
 rng = np.random.default_rng(0)
 
@@ -236,6 +237,18 @@ class TestMultiscaleFeatures:
         x = rng.uniform(0, 255, size=(1, 41, 41, 3)).astype("float32")
         assert_close_relative(msc(x), largefov(x), 1e-5)
         assert msc.get_layer("msc_image_conv1").strides == (8, 8)
+
+
+@pytest.mark.parametrize("implementation", ATROUS_IMPLEMENTATIONS)
+@pytest.mark.parametrize("rate", [4, 8])
+def test_even_4x4_fc6_kernel_is_centred(implementation, rate):
+    """The v1 4x4 fc6 with 'same' padding: taps at -3r/2, -r/2, r/2, 3r/2 around each
+    output (numpy reference, symmetric padding (k - 1) r / 2)."""
+    x = rng.normal(size=(1, 11, 9, 3)).astype("float32")
+    layer = AtrousConv2D(2, 4, rate=rate, implementation=implementation, use_bias=False)
+    layer.build(x.shape)
+    expected = numpy_atrous_conv2d(x, np.asarray(layer.kernel), rate, "same")
+    np.testing.assert_allclose(np.asarray(layer(x)), expected, atol=1e-5)
 
 
 def test_vgg_runs_at_output_stride_8_only():
