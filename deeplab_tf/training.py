@@ -132,6 +132,10 @@ class TrainConfig:
     def variant_name(self) -> str:
         return self.variant if isinstance(self.variant, str) else self.variant.name
 
+    @property
+    def resolved_variant(self) -> Variant:
+        return get_variant(self.variant) if isinstance(self.variant, str) else self.variant
+
 
 # === Strategy ===
 
@@ -431,7 +435,7 @@ def compile_model(
     """
     recipe = config.recipe
     total_steps = total_steps or recipe.steps
-    variant = get_variant(config.variant) if isinstance(config.variant, str) else config.variant
+    variant = config.resolved_variant
     model = build_model(
         variant,
         num_classes,
@@ -488,7 +492,7 @@ def compile_model(
 def check_config(config: TrainConfig, replicas: int) -> None:
     """One-line errors for settings that cannot work."""
     recipe = config.recipe
-    variant = get_variant(config.variant) if isinstance(config.variant, str) else config.variant
+    variant = config.resolved_variant
     if recipe.train_only_new_layers:
         new_layers = added_layer_names(variant)
         if not new_layers:

@@ -83,7 +83,7 @@ def build_vgg16(
     _check_output_stride_8("vgg16", output_stride)
     inputs = keras.Input(shape=input_shape, name="image")
     x = PixelNormalization("caffe", name="normalization")(inputs)
-    taps = [x]
+    outputs = {"normalization": x}
     feature_info = []
     reduction = 1
     for block, (filters, convs) in enumerate(VGG16_BLOCKS, start=1):
@@ -93,10 +93,10 @@ def build_vgg16(
         stride = 2 if block <= 3 else 1
         reduction *= stride
         x = layers.MaxPooling2D(3, strides=stride, padding="same", name=f"block{block}_pool")(x)
-        taps.append(x)
+        outputs[f"block{block}_pool"] = x
         feature_info.append(FeatureInfo(f"block{block}_pool", filters, reduction))
-    outputs = [x, *taps[:5]] if msc_taps else x
-    model = keras.Model(inputs, outputs, name="vgg16")
+    taps = [outputs[name] for name in MSC_TAPS]
+    model = keras.Model(inputs, [x, *taps] if msc_taps else x, name="vgg16")
     model.feature_info = tuple(feature_info)
     return model
 
