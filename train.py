@@ -4,6 +4,9 @@
     python train.py --variant deeplabv3 --data-dir data/voc2012 --model-dir runs/v3
     python train.py --variant deeplabv3 --recipe v3-voc-trainval-os8 --data-dir data/voc2012 \\
         --init-checkpoint runs/v3 --model-dir runs/v3-os8
+    python train.py --variant dilation-frontend --data-dir data/voc2012 --model-dir runs/front
+    python train.py --variant dilation-context-large --data-dir data/voc2012 \\
+        --init-checkpoint runs/front --model-dir runs/context    # front end frozen
 
 Defaults come from the variant's paper recipe (deeplab_tf/recipes.py) and are
 printed at start; every flag below overrides one of them. A killed run restarted
@@ -41,6 +44,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--classifier-lr-multiplier", type=float)
     p.add_argument("--bn-momentum", type=float, help="batch norm decay (v3: 0.9997)")
     p.add_argument("--freeze-bn", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument(
+        "--train-only-new-layers",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="train only what the variant adds to --init-checkpoint (MSc, context module)",
+    )
     p.add_argument("--sync-bn", action="store_true", help="synchronised batch norm")
     p.add_argument("--checkpoint-every", type=int, help="steps between backups and validations")
     p.add_argument("--backbone-weights", help="'imagenet' or a weights file")
@@ -89,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                 "classifier_lr_multiplier": args.classifier_lr_multiplier,
                 "bn_momentum": args.bn_momentum,
                 "freeze_bn": args.freeze_bn,
+                "train_only_new_layers": args.train_only_new_layers,
                 "checkpoint_every": args.checkpoint_every,
             },
         )

@@ -44,7 +44,7 @@ import numpy as np
 import tensorflow as tf
 
 from deeplab_tf.backbones import transfer_weights
-from deeplab_tf.layers import resize_bilinear_aligned
+from deeplab_tf.layers import ResizeBilinear, resize_bilinear_aligned
 from deeplab_tf.losses import resize_logits_bilinear
 from deeplab_tf.model import build_model
 from deeplab_tf.variants import VARIANTS, Variant, get_variant
@@ -150,18 +150,21 @@ def num_classes_of(model: keras.Model) -> int:
 
 
 def logits_model(model: keras.Model) -> keras.Model:
-    """``model`` without its final upsampling, ending at the layer named ``logits``.
+    """``model`` without its final bilinear upsampling (a ``ResizeBilinear`` named
+    ``upsample``), ending at the logits it resizes.
 
     The Predictor resizes logits itself (once, straight to the image size), so at a
-    scale s the model never builds logits at the scaled size.
+    scale s the model never builds logits at the scaled size. Models whose last layer
+    is anything else (the Yu-Koltun front end's upsample-and-crop, a multi-scale
+    wrapper, logits already at the image size) are used as they are.
     """
     try:
-        logits = model.get_layer("logits").output
-    except (ValueError, AttributeError):  # not a build_model model: use it as it is
+        upsample = model.get_layer("upsample")
+    except (ValueError, AttributeError):  # no such layer, or not a functional model
         return model
-    if logits is model.outputs[0]:
+    if not isinstance(upsample, ResizeBilinear) or upsample.output is not model.outputs[0]:
         return model
-    return keras.Model(model.inputs, logits, name=model.name)
+    return keras.Model(model.inputs, upsample.input[0], name=model.name)
 
 
 def model_at_output_stride(

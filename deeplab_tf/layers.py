@@ -1,4 +1,5 @@
-"""Layers of the DeepLab family: pixel normalisation, atrous convolution, ASPP (v3).
+"""Layers of the DeepLab family: pixel normalisation, atrous convolution, ASPP (v3),
+and the Yu-Koltun pieces (margin padding, aligned upsampling, context module).
 
 Every layer stores each ``__init__`` argument as a public attribute of the same
 name, returns exactly those arguments from ``get_config`` and is registered for
@@ -11,6 +12,7 @@ import functools
 from collections.abc import Sequence
 
 import keras
+import numpy as np
 import tensorflow as tf
 from keras import initializers, layers, ops, regularizers
 
@@ -146,7 +148,8 @@ class AtrousConv2D(layers.Layer):
 
     Args:
         filters: number of output channels.
-        kernel_size: odd integer, the kernel is square.
+        kernel_size: the square kernel's size; with 'same' padding an even size (the v1
+            4x4 fc6) is centred when (kernel_size - 1) * rate is even.
         rate: dilation rate; the effective kernel size is k + (k - 1)(rate - 1).
         implementation: one of ``ATROUS_IMPLEMENTATIONS``.
         padding: ``"same"`` or ``"valid"``.
@@ -494,3 +497,281 @@ class ResizeBilinear(layers.Layer):
     def compute_output_shape(self, input_shape):
         x_shape, reference_shape = input_shape
         return (x_shape[0], reference_shape[1], reference_shape[2], x_shape[-1])
+
+
+def resize_bilinear_half_pixel(images, size):
+    """Bilinear resize of float32 [N, h, w, C] to ``size`` with half-pixel centres.
+
+    Output pixel i samples input coordinate (i + 0.5) h / H - 0.5: the mapping of
+    an upsampling by an integer factor f whose input pixel j is the centre of the
+    output cells f j .. f j + f - 1 (Caffe's bilinear deconvolution with kernel 2f,
+    stride f, pad f / 2, which the Yu-Koltun code uses).
+    """
+    return tf.raw_ops.ResizeBilinear(
+        images=images, size=size, align_corners=False, half_pixel_centers=True
+    )
+
+
+@_register
+class UpsampleAndCrop(layers.Layer):
+    """Upsamples ``inputs[0]`` by ``factor`` (half-pixel bilinear) and crops it to the
+    runtime spatial size of ``inputs[1]`` (the top-left part).
+
+    For networks whose logit j covers input pixels factor j .. factor j + factor - 1
+    (the Yu-Koltun front end, whose padded input is a multiple of the factor): the
+    upsampled map is aligned with the image, and the rows and columns past the
+    image (the padding to a multiple of the factor) are cropped away. Float32 out.
+
+    Args:
+        factor: the network's output stride.
+    """
+
+    def __init__(self, factor: int = 8, **kwargs):
+        _check_positive_int("factor", factor)
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        self.factor = factor
+
+    def call(self, inputs):
+        x, reference = inputs
+        shape = ops.shape(x)
+        x = resize_bilinear_half_pixel(
+            ops.cast(x, "float32"), (shape[1] * self.factor, shape[2] * self.factor)
+        )
+        size = ops.shape(reference)
+        return ops.cast(x[:, : size[1], : size[2], :], self.compute_dtype)
+
+    def compute_output_shape(self, input_shape):
+        x_shape, reference_shape = input_shape
+        return (x_shape[0], reference_shape[1], reference_shape[2], x_shape[-1])
+
+    def get_config(self):
+        return {**super().get_config(), "factor": self.factor}
+
+
+def reflect_indices(size, before, after):
+    """Indices into a length-``size`` axis that pad it by ``before``/``after`` reflections.
+
+    Reflection about the edge pixels without repeating them (``tf.pad`` REFLECT,
+    OpenCV's BORDER_REFLECT_101), continued periodically, so a pad may exceed the
+    size (186-pixel margins around a small image): index u maps to
+    m = u mod 2(size - 1), then m if m < size else 2(size - 1) - m.
+    """
+    u = tf.range(-before, size + after)
+    period = tf.maximum(2 * (size - 1), 1)
+    m = tf.math.floormod(u, period)
+    return tf.minimum(tf.where(m < size, m, period - m), size - 1)
+
+
+PADDING_MODES = ("reflect", "zero")
+
+
+@_register
+class MarginPadding2D(layers.Layer):
+    """Pads a feature map by ``margin`` on every side, and at the bottom and right up
+    to a multiple of ``multiple``.
+
+    The Yu-Koltun networks use no padding inside: the front end's input image is
+    reflection-padded by the 186 pixels its valid convolutions consume, and the
+    context module's input by 33 (its receptive field is 67 = 2 * 33 + 1), so the
+    output has the input's size (paper sections 4 and 5).
+
+    Args:
+        margin: pixels added on each side.
+        multiple: the unpadded size is first rounded up to a multiple of this.
+        mode: ``"reflect"`` (``reflect_indices``; any margin) or ``"zero"``.
+    """
+
+    def __init__(self, margin: int, multiple: int = 1, mode: str = "reflect", **kwargs):
+        if not isinstance(margin, int) or isinstance(margin, bool) or margin < 0:
+            raise ValueError(f"margin must be a non-negative integer, got {margin!r}")
+        _check_positive_int("multiple", multiple)
+        _check_choice("mode", mode, PADDING_MODES)
+        super().__init__(**kwargs)
+        self.margin = margin
+        self.multiple = multiple
+        self.mode = mode
+
+    def _extra(self, size):
+        return (-size) % self.multiple
+
+    def call(self, inputs):
+        shape = ops.shape(inputs)
+        h, w = shape[1], shape[2]
+        if self.mode == "zero":
+            pads = [
+                [0, 0],
+                [self.margin, self.margin + self._extra(h)],
+                [self.margin, self.margin + self._extra(w)],
+                [0, 0],
+            ]
+            return tf.pad(inputs, pads)
+        rows = reflect_indices(h, self.margin, self.margin + self._extra(h))
+        cols = reflect_indices(w, self.margin, self.margin + self._extra(w))
+        return tf.gather(tf.gather(inputs, rows, axis=1), cols, axis=2)
+
+    def compute_output_shape(self, input_shape):
+        def padded(size):
+            return None if size is None else size + self._extra(size) + 2 * self.margin
+
+        return (input_shape[0], padded(input_shape[1]), padded(input_shape[2]), input_shape[3])
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "margin": self.margin,
+            "multiple": self.multiple,
+            "mode": self.mode,
+        }
+
+
+@_register
+class FreezableDropout(layers.Dropout):
+    """``keras.layers.Dropout`` that is off while the layer is frozen (``trainable=False``).
+
+    Keras batch norm runs in inference mode when frozen; dropout does not. A
+    frozen part of a network is fixed, so its dropout must be off too: the
+    Yu-Koltun context module is trained on the front end's (deterministic)
+    outputs, and DeepLab-MSc keeps the first-stage network as it was.
+    """
+
+    def call(self, inputs, training=False):
+        return super().call(inputs, training=bool(training) and self.trainable)
+
+
+# === Yu-Koltun context module ===
+
+CONTEXT_DILATIONS = (1, 1, 2, 4, 8, 16, 1)
+# Output channels of each layer as multiples of the input channels C (paper Table 1).
+CONTEXT_WIDTHS = {
+    "basic": (1, 1, 1, 1, 1, 1, 1, 1),
+    "large": (2, 2, 4, 8, 16, 32, 32, 1),
+}
+# Receptive field 67 = 1 + 2 * sum(dilations): the input is padded by 33.
+CONTEXT_MARGIN = sum(CONTEXT_DILATIONS)
+
+
+@_register
+class ContextIdentity(initializers.Initializer):
+    """Identity initialisation of a context-module convolution (Yu-Koltun, eqs. 4 and 5).
+
+    For a kernel [k, k, c_in, c_out] in a module on C channels:
+    k(t, a, b) = C / c_out where t is the centre tap and floor(a C / c_in) =
+    floor(b C / c_out), else eps ~ N(0, sigma^2) with sigma = ``noise * C / c_out``.
+    With c_in = c_out = C and no noise this is eq. 4 (each layer passes its input
+    through); with widths multiple of C, eq. 5, which passes each input channel
+    through the group of wider channels that descends from it, scaled so that the
+    module's output at initialisation is its truncated input.
+
+    Args:
+        channels: C, the module's input (and output) channels.
+        noise: sigma relative to C / c_out (the paper asks sigma << C / c_out).
+        seed: seed of the noise.
+    """
+
+    def __init__(self, channels: int, noise: float = 0.0, seed: int | None = None):
+        _check_positive_int("channels", channels)
+        self.channels = channels
+        self.noise = float(noise)
+        self.seed = seed
+
+    def __call__(self, shape, dtype=None):
+        k_h, k_w, c_in, c_out = shape
+        c = self.channels
+        if c_in % c or c_out % c:
+            raise ValueError(f"channels {c} must divide c_in {c_in} and c_out {c_out}")
+        value = c / c_out
+        same_group = (np.arange(c_in)[:, None] * c // c_in) == (np.arange(c_out)[None] * c // c_out)
+        kernel = np.zeros(shape, np.float32)
+        kernel[k_h // 2, k_w // 2] = value * same_group
+        dtype = dtype or "float32"
+        if not self.noise:
+            return ops.convert_to_tensor(kernel, dtype=dtype)
+        noise = keras.random.normal(shape, stddev=self.noise * value, dtype=dtype, seed=self.seed)
+        return ops.convert_to_tensor(kernel, dtype=dtype) + noise * (kernel == 0)
+
+    def get_config(self):
+        return {"channels": self.channels, "noise": self.noise, "seed": self.seed}
+
+
+@_register
+class ContextModule(layers.Layer):
+    """The context module of Yu & Koltun, "Multi-Scale Context Aggregation by Dilated
+    Convolutions" (ICLR 2016), section 3 and Table 1.
+
+    Seven 3x3 convolutions with dilations 1, 1, 2, 4, 8, 16, 1, each followed by
+    ReLU, then a 1x1 convolution; no padding inside, the input is padded by 33
+    (the receptive field is 67x67), so the output has the input's size and its C
+    channels. Basic: C channels throughout (about 64 C^2 parameters); Large: 2C,
+    2C, 4C, 8C, 16C, 32C, 32C, C. Identity initialisation (``ContextIdentity``,
+    eqs. 4 and 5), zero biases: at initialisation the module returns max(x, 0)
+    (Basic exactly; Large up to the noise that breaks ties between channels).
+
+    Args:
+        size: ``"basic"`` or ``"large"``.
+        padding_mode: ``"zero"`` or ``"reflect"`` for the 33-pixel input margin (the
+            paper found both similar).
+        init_noise: Large: noise of eq. 5, relative to C / c_{i+1}.
+        implementation: atrous implementation of the dilated convolutions.
+    """
+
+    def __init__(
+        self,
+        size: str = "basic",
+        padding_mode: str = "zero",
+        init_noise: float = 1e-3,
+        implementation: str = "dilated",
+        **kwargs,
+    ):
+        _check_choice("size", size, tuple(CONTEXT_WIDTHS))
+        _check_choice("padding_mode", padding_mode, PADDING_MODES)
+        super().__init__(**kwargs)
+        self.size = size
+        self.padding_mode = padding_mode
+        self.init_noise = float(init_noise)
+        self.implementation = implementation
+        self.pad = MarginPadding2D(CONTEXT_MARGIN, mode=padding_mode, name="pad")
+        self.convs = []
+
+    def build(self, input_shape):
+        channels = input_shape[-1]
+        if channels is None:
+            raise ValueError(f"{self.name}: the channel dimension of the input must be known")
+        noise = self.init_noise if self.size == "large" else 0.0
+        widths = [channels * w for w in CONTEXT_WIDTHS[self.size]]
+        kernel_sizes = (3,) * len(CONTEXT_DILATIONS) + (1,)
+        rates = (*CONTEXT_DILATIONS, 1)
+        shape = self.pad.compute_output_shape(input_shape)
+        for index, (width, kernel_size, rate) in enumerate(
+            zip(widths, kernel_sizes, rates, strict=True)
+        ):
+            conv = AtrousConv2D(
+                width,
+                kernel_size,
+                rate=rate,
+                implementation=self.implementation,
+                padding="valid",
+                kernel_initializer=ContextIdentity(channels, noise),
+                name=f"conv{index + 1}" if index < len(CONTEXT_DILATIONS) else "final",
+            )
+            conv.build(shape)
+            shape = conv.compute_output_shape(shape)
+            self.convs.append(conv)
+
+    def call(self, inputs):
+        x = self.pad(inputs)
+        for conv in self.convs[:-1]:
+            x = ops.relu(conv(x))
+        return self.convs[-1](x)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "size": self.size,
+            "padding_mode": self.padding_mode,
+            "init_noise": self.init_noise,
+            "implementation": self.implementation,
+        }

@@ -1,8 +1,12 @@
 """``build_model``: a variant as a ``keras.Model`` from RGB pixels to per-pixel logits.
 
 Contract: input [N, H, W, 3] RGB pixels in [0, 255] of any H, W (the backbone's
-normalisation is inside the model); backbone -> head (v3 ASPP or none) -> 1x1
-classifier ``logits`` at ceil(H / output_stride) -> bilinear upsampling to H x W.
+normalisation is inside the model); backbone -> head -> classifier ``logits`` at
+ceil(H / output_stride) -> bilinear upsampling to H x W. Heads: v3 ASPP or none
+(then a 1x1 classifier), v1/v2 VGG fc6-fc7-classifier branches or v2 atrous
+classifiers (summed when several), plus DeepLab-MSc features or a Yu-Koltun
+context module; v2 MSC wraps the whole network (``MultiScaleInputs``). Every
+classifier layer is named ``logits`` or ``logits_*`` (``classifier_layer_names``).
 The variables do not depend on the output stride, so weights trained at one
 stride load unchanged into the model built at another (v3 paper section 4.1).
 """
@@ -16,7 +20,14 @@ import keras
 from keras import layers
 
 from deeplab_tf.backbones import build_backbone, check_output_stride
-from deeplab_tf.layers import ASPP, ResizeBilinear
+from deeplab_tf.backbones.vgg import (
+    FRONTEND_STRIDE,
+    VGG_BACKBONES,
+    load_vgg16_weights,
+    vgg_fc_layers,
+)
+from deeplab_tf.layers import ASPP, AtrousConv2D, ContextModule, ResizeBilinear, UpsampleAndCrop
+from deeplab_tf.multiscale import MultiScaleInputs, single_scale_model
 from deeplab_tf.variants import Variant, get_variant
 
 # The fastest numerically equal atrous implementation on oneDNN CPUs
@@ -43,14 +54,15 @@ def build_model(
         num_classes: number of classes (logit channels).
         output_stride: 8, 16 or 32; default: the variant's (training) stride.
         backbone_weights: ``None``, ``"imagenet"`` or a weights file path (see
-            ``deeplab_tf.backbones.load_backbone_weights``).
+            ``deeplab_tf.backbones.load_backbone_weights``; VGG variants also get
+            fc6/fc7 from ImageNet's fc1/fc2, ``vgg.load_vgg16_weights``).
         upsample_logits: return logits at the input size (True) or at
             ceil(input / output_stride) (False).
         atrous_implementation: ``"dilated"``, ``"space_to_batch"`` or ``"direct"``.
         bn_momentum: batch norm decay (0.9997 in the v3 paper).
         sync_batchnorm: synchronise batch statistics across replicas.
         aspp_dropout: dropout after the ASPP projection.
-        input_shape: (H, W, 3); None for any size.
+        input_shape: (H, W, 3); None for any size (MSC variants take any size).
 
     Example:
         >>> model = build_model("deeplabv3-mobilenetv2", num_classes=21)
@@ -65,6 +77,22 @@ def build_model(
     check_output_stride(output_stride)
     variant = dataclasses.replace(variant, output_stride=output_stride)
 
+    if variant.input_scales:
+        # v2 MSC: the single-scale network, shared by every scale.
+        base = build_model(
+            dataclasses.replace(variant, name=f"{variant.name}_single_scale", input_scales=()),
+            num_classes,
+            output_stride=output_stride,
+            backbone_weights=backbone_weights,
+            upsample_logits=False,
+            atrous_implementation=atrous_implementation,
+            bn_momentum=bn_momentum,
+            sync_batchnorm=sync_batchnorm,
+            aspp_dropout=aspp_dropout,
+        )
+        return MultiScaleInputs(base, variant.input_scales, upsample_logits, name=variant.name)
+
+    vgg = variant.backbone in VGG_BACKBONES
     inputs = keras.Input(shape=input_shape, name="image")
     backbone = build_backbone(
         variant.backbone,
@@ -76,24 +104,167 @@ def build_model(
         bn_momentum=bn_momentum,
         sync_batchnorm=sync_batchnorm,
         input_shape=input_shape,
-        weights=backbone_weights,
+        weights=None if vgg else backbone_weights,  # VGG: below, with fc6/fc7
+        msc_taps=variant.multiscale_features,
     )
     x = backbone(inputs)
-    if variant.head == "aspp":
-        x = ASPP(
-            filters=variant.head_filters,
-            rates=variant.aspp_rates_at(output_stride),
-            image_pooling=variant.image_pooling,
-            dropout=aspp_dropout,
-            implementation=atrous_implementation,
-            bn_momentum=bn_momentum,
-            sync_batchnorm=sync_batchnorm,
-            name="aspp",
-        )(x)
-    logits = layers.Conv2D(num_classes, 1, name="logits")(x)
+    if variant.multiscale_features:
+        x, *taps = x
+    rates = variant.head_rates_at(output_stride)
+    if variant.head == "vgg_fc":
+        logits = _vgg_fc_head(x, variant, rates, num_classes, atrous_implementation)
+    elif variant.head == "atrous_logits":
+        logits = _atrous_logits_head(x, variant, rates, num_classes, atrous_implementation)
+    else:
+        if variant.head == "aspp":
+            x = ASPP(
+                filters=variant.head_filters,
+                rates=variant.aspp_rates_at(output_stride),
+                image_pooling=variant.image_pooling,
+                dropout=aspp_dropout,
+                implementation=atrous_implementation,
+                bn_momentum=bn_momentum,
+                sync_batchnorm=sync_batchnorm,
+                name="aspp",
+            )(x)
+        logits = layers.Conv2D(num_classes, 1, name="logits")(x)
+    if variant.multiscale_features:
+        logits = _add_multiscale_features(logits, taps, num_classes)
+    if variant.context_module != "none":
+        logits = ContextModule(
+            variant.context_module, implementation=atrous_implementation, name="context"
+        )(logits)
     if upsample_logits:
-        logits = ResizeBilinear(name="upsample")([logits, inputs])
-    return keras.Model(inputs, logits, name=variant.name)
+        if variant.backbone == "vgg16_frontend":  # logit j covers pixels 8j .. 8j + 7
+            logits = UpsampleAndCrop(FRONTEND_STRIDE, name="upsample")([logits, inputs])
+        else:
+            logits = ResizeBilinear(name="upsample")([logits, inputs])
+    model = keras.Model(inputs, logits, name=variant.name)
+    if vgg and backbone_weights is not None:
+        load_vgg16_weights(model, backbone, backbone_weights)
+    return model
+
+
+# Small Gaussian initialisation of the v1/v2 classifiers, so that they start near the
+# uniform prediction; the Yu-Koltun code uses 0.001 for its front end's classifier.
+CLASSIFIER_STDDEV = 0.01
+FRONTEND_CLASSIFIER_STDDEV = 0.001
+# DeepLab-MSc: the MLP inputs (vgg.MSC_TAPS) and the strides of their first
+# convolution, which bring each to the output stride 8.
+MSC_BRANCHES = (("image", 8), ("pool1", 4), ("pool2", 2), ("pool3", 1), ("pool4", 1))
+MSC_FILTERS = 128
+
+
+def _summed_branches(branches: list, name: str):
+    return branches[0] if len(branches) == 1 else layers.Add(name=name)(branches)
+
+
+def _branch_suffix(rates: tuple[int, ...], index: int) -> str:
+    return "" if len(rates) == 1 else f"_{index + 1}"
+
+
+def _vgg_fc_head(x, variant: Variant, rates, num_classes: int, implementation: str):
+    """fc6 -> fc7 -> classifier per rate, summed (v1: one branch; v2 ASPP-S/L: four)."""
+    frontend = variant.backbone == "vgg16_frontend"
+    stddev = FRONTEND_CLASSIFIER_STDDEV if frontend else CLASSIFIER_STDDEV
+    branches = []
+    for index, rate in enumerate(rates):
+        suffix = _branch_suffix(rates, index)
+        h = vgg_fc_layers(
+            x,
+            variant.head_kernel_size,
+            rate,
+            variant.head_filters,
+            padding="valid" if frontend else "same",
+            implementation=implementation,
+            suffix=suffix,
+        )
+        classifier = layers.Conv2D(
+            num_classes,
+            1,
+            kernel_initializer=keras.initializers.RandomNormal(stddev=stddev),
+            name=f"logits{suffix}",
+        )
+        branches.append(classifier(h))
+    return _summed_branches(branches, "logits")
+
+
+def _atrous_logits_head(x, variant: Variant, rates, num_classes: int, implementation: str):
+    """One atrous convolution straight to the classes per rate, summed (v2 on ResNet-101)."""
+    branches = [
+        AtrousConv2D(
+            num_classes,
+            variant.head_kernel_size,
+            rate=rate,
+            implementation=implementation,
+            kernel_initializer=keras.initializers.RandomNormal(stddev=CLASSIFIER_STDDEV),
+            name=f"logits{_branch_suffix(rates, index)}",
+        )(x)
+        for index, rate in enumerate(rates)
+    ]
+    return _summed_branches(branches, "logits")
+
+
+def _add_multiscale_features(logits, taps, num_classes: int):
+    """DeepLab-MSc (v1 section 4.3): a two-layer MLP (128 3x3, then 128 1x1) on the image
+    and on pool1..pool4, 5 x 128 = 640 channels concatenated with fc7 before the
+    classifier. A classifier on [fc7, msc] is the sum of one on fc7 (``logits``, as in
+    the first stage) and one on msc (``logits_msc``, initialised to zero, so training
+    starts from the first stage's predictions)."""
+    features = []
+    for (name, stride), tap in zip(MSC_BRANCHES, taps, strict=True):
+        # Pad 1 then a valid strided 3x3: ceil(H / 8) outputs centred on pixels 8j.
+        h = layers.ZeroPadding2D(1, name=f"msc_{name}_pad")(tap)
+        h = layers.Conv2D(
+            MSC_FILTERS,
+            3,
+            strides=stride,
+            activation="relu",
+            kernel_initializer="he_normal",
+            name=f"msc_{name}_conv1",
+        )(h)
+        h = layers.Conv2D(
+            MSC_FILTERS,
+            1,
+            activation="relu",
+            kernel_initializer="he_normal",
+            name=f"msc_{name}_conv2",
+        )(h)
+        features.append(h)
+    h = layers.Concatenate(name="msc_features")(features)
+    msc_logits = layers.Conv2D(num_classes, 1, kernel_initializer="zeros", name="logits_msc")(h)
+    return layers.Add(name="logits_with_msc")([logits, msc_logits])
+
+
+def added_layer_names(variant: str | Variant) -> tuple[str, ...]:
+    """The layers ``variant`` adds to the network it is trained from in a second stage:
+    DeepLab-MSc's MLPs and their classifier (from a DeepLab-LargeFOV run; v1 section
+    4.3), the Yu-Koltun context module (from a front-end run; section 5); () otherwise.
+
+    A recipe with ``train_only_new_layers`` trains only these, and an
+    ``--init-checkpoint`` need not hold them.
+    """
+    if isinstance(variant, str):
+        variant = get_variant(variant)
+    names: tuple[str, ...] = ()
+    if variant.multiscale_features:
+        for name, _ in MSC_BRANCHES:
+            names += (f"msc_{name}_conv1", f"msc_{name}_conv2")
+        names += ("logits_msc",)
+    if variant.context_module != "none":
+        names += ("context",)
+    return names
+
+
+def classifier_layer_names(model: keras.Model) -> list[str]:
+    """The model's classifier layers: those named ``logits`` or ``logits_*`` that hold
+    weights (v1/v2 give them 10x the learning rate). For the Yu-Koltun context
+    variants this is the front end's classifier, the context module's input."""
+    return [
+        layer.name
+        for layer in single_scale_model(model).layers
+        if layer.weights and (layer.name == "logits" or layer.name.startswith("logits_"))
+    ]
 
 
 def describe_model(

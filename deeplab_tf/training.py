@@ -49,9 +49,16 @@ from deeplab_tf.losses import (
     CLASS_WEIGHT_METHODS,
     SoftmaxCrossEntropy,
     class_weights_from_frequencies,
+    resize_logits_bilinear,
 )
 from deeplab_tf.metrics import MeanIoU
-from deeplab_tf.model import DEFAULT_ATROUS_IMPLEMENTATION, build_model
+from deeplab_tf.model import (
+    DEFAULT_ATROUS_IMPLEMENTATION,
+    added_layer_names,
+    build_model,
+    classifier_layer_names,
+)
+from deeplab_tf.multiscale import single_scale_model
 from deeplab_tf.recipes import Recipe
 from deeplab_tf.schedules import PolyDecay, StepDecay, build_optimizer
 from deeplab_tf.variants import Variant, get_variant
@@ -128,6 +135,10 @@ class TrainConfig:
     def variant_name(self) -> str:
         return self.variant if isinstance(self.variant, str) else self.variant.name
 
+    @property
+    def resolved_variant(self) -> Variant:
+        return get_variant(self.variant) if isinstance(self.variant, str) else self.variant
+
 
 # === Strategy ===
 
@@ -199,22 +210,37 @@ def save_model_atomic(model: keras.Model, path: str | Path) -> None:
     os.replace(tmp, path)
 
 
-def load_init_checkpoint(model: keras.Model, path: str | Path) -> None:
+def load_init_checkpoint(
+    model: keras.Model, path: str | Path, new_layers: Sequence[str] = ()
+) -> None:
     """Fills ``model`` from a previous stage, whatever its output stride.
 
     A ``.keras`` file is matched layer by layer by name (the backbone is one
-    layer); a ``.weights.h5`` file is loaded as saved by ``model.save_weights``.
+    layer; a multi-scale model's network is matched with a single-scale one's);
+    only ``new_layers`` (those the second stage adds) may be missing from it. A
+    ``.weights.h5`` file is loaded as saved by ``model.save_weights``.
     """
     path = resolve_checkpoint(path, flag="--init-checkpoint")
     if path.suffix == ".keras":
         source = keras.models.load_model(path, compile=False)
-        report = transfer_weights(source, model)
-        if report.missing:
+        try:
+            report = transfer_weights(single_scale_model(source), single_scale_model(model))
+        except ValueError as error:  # a layer of the same name with other shapes
+            raise TrainingError(f"--init-checkpoint {path}: {error}") from error
+        missing = [name for name in report.missing if name not in new_layers]
+        if missing:
             raise TrainingError(
-                f"--init-checkpoint {path}: no weights for layers {', '.join(report.missing)}"
+                f"--init-checkpoint {path}: no weights for layers {', '.join(missing)}"
             )
     else:
         model.load_weights(path)
+
+
+def train_only(model: keras.Model, names: Sequence[str]) -> None:
+    """Freezes every layer of ``model`` but ``names`` (a second stage that trains only the
+    layers it adds); frozen batch norm and dropout run in inference mode."""
+    for layer in single_scale_model(model).layers:
+        layer.trainable = layer.name in names
 
 
 def freeze_batch_norm(model: keras.Model) -> int:
@@ -368,6 +394,8 @@ class PredictionImages(keras.callbacks.Callback):
         # A plain call, not predict_on_batch: under a multi-worker strategy that one
         # gathers across workers, and only the chief runs this callback.
         logits = self.model(self.images, training=False)
+        # v1/v2 recipes train on logits at the output stride: show them at the image size.
+        logits = resize_logits_bilinear(logits, tf.shape(self.images)[1:3])
         predictions = keras.ops.convert_to_numpy(keras.ops.argmax(logits, axis=-1))
         panels = np.stack(
             [
@@ -399,8 +427,9 @@ def compile_model(
     """
     recipe = config.recipe
     total_steps = total_steps or recipe.steps
+    variant = config.resolved_variant
     model = build_model(
-        config.variant,
+        variant,
         num_classes,
         output_stride=recipe.output_stride,
         backbone_weights=config.backbone_weights,
@@ -410,18 +439,23 @@ def compile_model(
         sync_batchnorm=config.sync_bn and replicas > 1,
     )
     if config.init_checkpoint:
-        load_init_checkpoint(model, config.init_checkpoint)
+        load_init_checkpoint(model, config.init_checkpoint, added_layer_names(variant))
+    if recipe.train_only_new_layers:
+        train_only(model, added_layer_names(variant))
     if recipe.freeze_bn:
         freeze_batch_norm(model)
     if recipe.lr_policy == "poly":
         schedule = PolyDecay(recipe.learning_rate, total_steps, power=recipe.lr_power)
     else:
         schedule = StepDecay(recipe.learning_rate, recipe.lr_step_size, gamma=recipe.lr_step_gamma)
-    multipliers = (
-        {"logits": recipe.classifier_lr_multiplier}
-        if recipe.classifier_lr_multiplier != 1
-        else None
-    )
+    multipliers = None
+    if recipe.classifier_lr_multiplier != 1:
+        classifiers = classifier_layer_names(model)
+        if not classifiers:
+            raise TrainingError(
+                f"--classifier-lr-multiplier: {variant.name} has no classifier layer 'logits'"
+            )
+        multipliers = {name: recipe.classifier_lr_multiplier for name in classifiers}
     if recipe.optimizer == "adam":
         optimizer = keras.optimizers.Adam(schedule)
     else:
@@ -450,8 +484,20 @@ def compile_model(
 def check_config(config: TrainConfig, replicas: int) -> None:
     """One-line errors for settings that cannot work."""
     recipe = config.recipe
-    if isinstance(config.variant, str):
-        get_variant(config.variant)
+    variant = config.resolved_variant
+    if recipe.train_only_new_layers:
+        new_layers = added_layer_names(variant)
+        if not new_layers:
+            raise TrainingError(
+                f"recipe {recipe.name} trains only the layers a variant adds to a first stage; "
+                f"{variant.name} adds none (pass --no-train-only-new-layers)"
+            )
+        if not config.init_checkpoint:
+            raise TrainingError(
+                f"recipe {recipe.name} trains only the layers {variant.name} adds "
+                f"({', '.join(new_layers)}) to a trained first stage: pass --init-checkpoint "
+                "(or --no-train-only-new-layers to train everything)"
+            )
     if recipe.crop_size < recipe.output_stride:
         raise TrainingError(
             f"--crop-size {recipe.crop_size} is smaller than the output stride "

@@ -6,9 +6,15 @@ from dataclasses import dataclass
 
 from deeplab_tf.backbones import BACKBONES, check_output_stride
 from deeplab_tf.backbones.resnet import MAX_CASCADE_BLOCKS
+from deeplab_tf.backbones.vgg import VGG_BACKBONES
+from deeplab_tf.layers import CONTEXT_WIDTHS
 from deeplab_tf.registry import lookup, make_registry
 
-HEADS = ("aspp", "none")
+# aspp: v3 ASPP then a 1x1 classifier; none: the classifier alone; vgg_fc: VGG's fc6 ->
+# fc7 -> classifier, one branch per rate, summed (v1; v2 ASPP on VGG-16); atrous_logits:
+# 3x3 atrous convolutions straight to the classes, summed (v2 LargeFOV/ASPP on ResNet-101).
+HEADS = ("aspp", "none", "vgg_fc", "atrous_logits")
+CONTEXT_MODULES = ("none", *CONTEXT_WIDTHS)
 
 
 @dataclass(frozen=True)
@@ -21,11 +27,26 @@ class Variant:
         output_stride: training output stride (8, 16 or 32).
         multi_grid: unit rates of block4 and the cascaded blocks (ResNet only).
         cascade_blocks: copies of block4 after it (3 = block7).
-        head: ``"aspp"`` (v3 ASPP, then the classifier) or ``"none"`` (the 1x1
-            classifier straight on the backbone features, as the cascaded model).
+        head: ``"aspp"`` (v3 ASPP, then the classifier), ``"none"`` (the 1x1
+            classifier straight on the backbone features, as the cascaded model),
+            ``"vgg_fc"`` (VGG-16's fc6 -> fc7 -> 1x1 classifier branches, one per rate
+            of ``head_rates``, logits summed: v1 with one, v2 ASPP with four) or
+            ``"atrous_logits"`` (one ``head_kernel_size`` convolution to the classes
+            per rate, summed: v2 on ResNet-101, LargeFOV with one rate, ASPP with four).
         aspp_rates: ASPP rates at output stride 16; scaled by 16 / output_stride.
         image_pooling: image-level features in the ASPP.
-        head_filters: width of the ASPP branches.
+        head_filters: width of the ASPP branches (v3) or of fc6/fc7 (``vgg_fc``:
+            4096, or 1024 for LargeFOV and ASPP).
+        head_kernel_size: kernel of fc6 (``vgg_fc``: 7, 4 or 3) or of the atrous
+            classifiers (``atrous_logits``).
+        head_rates: the ``vgg_fc``/``atrous_logits`` rates at output stride 8 (v1/v2
+            and Yu-Koltun train at 8 only); scaled by 8 / output_stride.
+        multiscale_features: DeepLab-MSc (v1 section 4.3): two-layer MLPs on the
+            image and pool1..pool4, 640 channels, classified and added to the logits.
+        input_scales: multi-scale inputs (v2 MSC): the network runs with shared
+            weights at each scale (the first is 1) and the logits are max-fused.
+        context_module: Yu-Koltun ``"basic"`` or ``"large"`` context module on the
+            front end's logits, or ``"none"``.
         alpha: MobileNetV2 width multiplier.
         paper: where the configuration comes from.
         reference_miou: (setting, VOC 2012 val mIoU) pairs reported by the paper.
@@ -41,6 +62,11 @@ class Variant:
     aspp_rates: tuple[int, ...] = (6, 12, 18)
     image_pooling: bool = True
     head_filters: int = 256
+    head_kernel_size: int = 3
+    head_rates: tuple[int, ...] = ()
+    multiscale_features: bool = False
+    input_scales: tuple[float, ...] = ()
+    context_module: str = "none"
     alpha: float = 1.0
     reference_miou: tuple[tuple[str, float], ...] = ()
 
@@ -52,12 +78,50 @@ class Variant:
         check_output_stride(self.output_stride)
         if self.cascade_blocks not in range(MAX_CASCADE_BLOCKS + 1):
             raise ValueError(f"cascade_blocks must be in 0..{MAX_CASCADE_BLOCKS}")
+        vgg = self.backbone in VGG_BACKBONES
+        if vgg != (self.head == "vgg_fc"):
+            raise ValueError(f"head 'vgg_fc' goes with the backbones {list(VGG_BACKBONES)} only")
+        if self.head in ("vgg_fc", "atrous_logits") and not self.head_rates:
+            raise ValueError(f"head {self.head!r} needs head_rates (one rate per branch)")
+        if self.multiscale_features and self.backbone != "vgg16":
+            raise ValueError("multiscale_features (DeepLab-MSc) needs the vgg16 backbone")
+        if self.context_module not in CONTEXT_MODULES:
+            raise ValueError(
+                f"context_module must be one of {list(CONTEXT_MODULES)}, "
+                f"got {self.context_module!r}"
+            )
+        if self.context_module != "none" and self.backbone != "vgg16_frontend":
+            raise ValueError("a context module needs the vgg16_frontend backbone (Yu-Koltun)")
+        if self.input_scales and (
+            self.input_scales[0] != 1.0 or not all(s > 0 for s in self.input_scales)
+        ):
+            raise ValueError(
+                f"input_scales must be positive and start with 1.0, got {self.input_scales!r}"
+            )
 
     def aspp_rates_at(self, output_stride: int) -> tuple[int, ...]:
         """ASPP rates at ``output_stride``: doubled at 8, halved at 32 (v3 paper 3.3)."""
         check_output_stride(output_stride)
         return tuple(max(1, round(rate * 16 / output_stride)) for rate in self.aspp_rates)
 
+    def head_rates_at(self, output_stride: int) -> tuple[int, ...]:
+        """``head_rates`` (given at output stride 8) at ``output_stride``."""
+        check_output_stride(output_stride)
+        return tuple(max(1, round(rate * 8 / output_stride)) for rate in self.head_rates)
+
+
+# Settings shared by the v1/v2 and Yu-Koltun families (all at output stride 8).
+_VGG16_FC = dict(backbone="vgg16", output_stride=8, head="vgg_fc")
+_LARGEFOV = dict(_VGG16_FC, head_kernel_size=3, head_rates=(12,), head_filters=1024)
+_RESNET101_V2 = dict(backbone="resnet101", output_stride=8, head="atrous_logits")
+_FRONTEND = dict(
+    backbone="vgg16_frontend",
+    output_stride=8,
+    head="vgg_fc",
+    head_kernel_size=7,
+    head_rates=(4,),
+    head_filters=4096,
+)
 
 VARIANTS: dict[str, Variant] = make_registry(
     "variant",
@@ -99,6 +163,113 @@ VARIANTS: dict[str, Variant] = make_registry(
         head_filters=64,
         aspp_rates=(1, 2, 3),
         paper="not a paper model: the v3 head on a half-width MobileNetV2 sized for a 2-core CPU",
+    ),
+    # DeepLab v1 (ICLR 2015): VGG-16 at output stride 8 with the fc6 configurations of
+    # Table 2 (v2 paper Table 1 gives the same with before/after-CRF val figures).
+    Variant(
+        name="deeplabv1",
+        **_VGG16_FC,
+        head_kernel_size=4,
+        head_rates=(4,),
+        head_filters=4096,
+        paper="DeepLab v1, sections 3.1-3.2, Table 2 (DeepLab(-CRF): fc6 4x4, input stride 4)",
+        reference_miou=(("before CRF", 59.80), ("after CRF", 63.74)),
+    ),
+    Variant(
+        name="deeplabv1-7x7",
+        **_VGG16_FC,
+        head_kernel_size=7,
+        head_rates=(4,),
+        head_filters=4096,
+        paper="DeepLab v1, section 5, Table 2 (DeepLab-CRF-7x7: fc6 7x7, input stride 4)",
+        reference_miou=(("before CRF", 64.38), ("after CRF", 67.64)),
+    ),
+    Variant(
+        name="deeplabv1-4x4-r8",
+        **_VGG16_FC,
+        head_kernel_size=4,
+        head_rates=(8,),
+        head_filters=4096,
+        paper="DeepLab v1, section 5, Table 2 (DeepLab-CRF-4x4: fc6 4x4, input stride 8)",
+        reference_miou=(("before CRF (v2 Table 1)", 63.41), ("after CRF", 67.14)),
+    ),
+    Variant(
+        name="deeplabv1-largefov",
+        **_LARGEFOV,
+        paper="DeepLab v1, section 5, Table 2 (DeepLab-LargeFOV: fc6 3x3, rate 12, 1024 filters)",
+        reference_miou=(("before CRF", 62.25), ("after CRF", 67.64)),
+    ),
+    # Trained from a deeplabv1-largefov run, only the MSc weights (recipe v1-voc-msc).
+    Variant(
+        name="deeplabv1-msc-largefov",
+        **_LARGEFOV,
+        multiscale_features=True,
+        paper="DeepLab v1, sections 4.3 and 5, Table 1 (DeepLab-MSc-LargeFOV)",
+        reference_miou=(("before CRF", 64.21), ("after CRF", 68.70)),
+    ),
+    # DeepLab v2 (TPAMI 2017): ASPP on VGG-16 (section 4.1.2, Table 3) and ResNet-101
+    # (Table 4), all at output stride 8.
+    Variant(
+        name="deeplabv2-vgg16-aspp-s",
+        **_VGG16_FC,
+        head_rates=(2, 4, 8, 12),
+        head_filters=1024,
+        paper="DeepLab v2, section 4.1.2, Table 3 (ASPP-S: fc6-fc7-fc8 branches, rates 2/4/8/12)",
+        reference_miou=(("before CRF", 66.98), ("after CRF", 69.73)),
+    ),
+    Variant(
+        name="deeplabv2-vgg16-aspp-l",
+        **_VGG16_FC,
+        head_rates=(6, 12, 18, 24),
+        head_filters=1024,
+        paper="DeepLab v2, section 4.1.2, Table 3 (ASPP-L: fc6-fc7-fc8 branches, rates 6/12/18/24)",
+        reference_miou=(("before CRF", 68.96), ("after CRF", 71.57)),
+    ),
+    Variant(
+        name="deeplabv2-resnet101-largefov",
+        **_RESNET101_V2,
+        head_rates=(12,),
+        paper="DeepLab v2, section 4.1.2, Table 4 (ResNet-101 + LargeFOV: one 3x3 rate-12 "
+        "convolution to the classes; the paper's figures include MSC)",
+    ),
+    Variant(
+        name="deeplabv2-resnet101-aspp-l",
+        **_RESNET101_V2,
+        head_rates=(6, 12, 18, 24),
+        paper="DeepLab v2, section 4.1.2, Table 4 (ResNet-101 + ASPP-L: 3x3 convolutions to the "
+        "classes, rates 6/12/18/24, summed; the paper's figures include MSC)",
+    ),
+    Variant(
+        name="deeplabv2-resnet101-msc-aspp-l",
+        **_RESNET101_V2,
+        head_rates=(6, 12, 18, 24),
+        input_scales=(1.0, 0.75, 0.5),
+        paper="DeepLab v2, sections 3.2 and 4.1.2, Table 4 (ResNet-101, MSC with max fusion, "
+        "ASPP-L)",
+        reference_miou=(("MSC + COCO + aug", 75.54), ("MSC + COCO + aug + CRF", 77.69)),
+    ),
+    # Yu & Koltun (ICLR 2016): the front end (section 4) and the context modules
+    # (section 3), trained on the frozen front end (section 5, recipe yu-koltun-context).
+    # Their figures come from front ends trained on VOC + COCO (section 5, Table 3).
+    Variant(
+        name="dilation-frontend",
+        **_FRONTEND,
+        paper="Yu & Koltun 2016, section 4 (front end: VGG-16 without pool4/pool5, no padding)",
+        reference_miou=(("VOC + COCO training", 69.8),),
+    ),
+    Variant(
+        name="dilation-context-basic",
+        **_FRONTEND,
+        context_module="basic",
+        paper="Yu & Koltun 2016, sections 3 and 5, Tables 1 and 3 (front end + Basic context)",
+        reference_miou=(("VOC + COCO training", 71.3),),
+    ),
+    Variant(
+        name="dilation-context-large",
+        **_FRONTEND,
+        context_module="large",
+        paper="Yu & Koltun 2016, sections 3 and 5, Tables 1 and 3 (front end + Large context)",
+        reference_miou=(("VOC + COCO training", 72.1),),
     ),
 )
 

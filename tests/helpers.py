@@ -57,6 +57,26 @@ def run_layer_checks(
     assert type(loaded.layers[-1]) is type(layer)
 
 
+def assert_close_relative(actual, expected, rtol: float, varies: bool = True) -> None:
+    """``actual`` equals ``expected`` to ``rtol`` times the largest ``|expected|`` (an
+    untrained network's outputs can be tiny, where a fixed tolerance proves nothing).
+    With ``varies``, [N, H, W, ...] ``expected`` must also vary over space, or the
+    comparison proves nothing either."""
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    assert actual.shape == expected.shape
+    scale = np.abs(expected).max()
+    assert scale > 0
+    if varies:
+        assert np.std(expected, axis=(1, 2)).mean() > 0.1 * np.std(expected)
+    np.testing.assert_allclose(actual, expected, atol=rtol * scale)
+
+
+def assert_same_weights(a: keras.layers.Layer, b: keras.layers.Layer) -> None:
+    """Layers (or models) ``a`` and ``b`` hold equal weights, in the same order."""
+    for x, y in zip(a.get_weights(), b.get_weights(), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
 def numpy_atrous_conv2d(x: np.ndarray, w: np.ndarray, rate: int, padding: str) -> np.ndarray:
     """y[n, i, j, o] = sum_{a, b, c} x[n, i + rate*a, j + rate*b, c] w[a, b, c, o]."""
     k = w.shape[0]

@@ -9,6 +9,7 @@ import keras
 import numpy as np
 import pytest
 
+from deeplab_tf import build_model
 from deeplab_tf.inference import (
     InferenceError,
     Predictor,
@@ -78,6 +79,17 @@ class TestOutputStride:
     def test_wrong_variant_is_a_clear_error(self, model):
         with pytest.raises(InferenceError, match="does not match variant 'deeplabv3-mobilenetv2'"):
             Predictor(model, output_stride=8, variant="deeplabv3-mobilenetv2")
+
+
+def test_logits_after_the_classifier_are_kept():
+    """Only the final bilinear upsampling is left to the Predictor: layers after the
+    classifier (DeepLab-MSc's extra classifier here) stay in the model."""
+    model = build_model("deeplabv1-msc-largefov", num_classes=3)
+    extra = model.get_layer("logits_msc")
+    extra.set_weights([rng.normal(0, 0.05, w.shape) for w in extra.get_weights()])
+    image = rng.integers(0, 256, (40, 48, 3)).astype(np.uint8)
+    expected = numpy_softmax(np.asarray(model(image[None].astype("float32")), np.float64)[0])
+    np.testing.assert_allclose(Predictor(model).predict(image), expected, atol=1e-5)
 
 
 class TestScalesAndFlips:

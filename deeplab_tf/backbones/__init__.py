@@ -1,4 +1,5 @@
-"""Backbones: ResNet-50/101 and MobileNetV2 with output-stride control."""
+"""Backbones: ResNet-50/101 and MobileNetV2 with output-stride control; VGG-16 (v1/v2,
+Yu-Koltun)."""
 
 from __future__ import annotations
 
@@ -10,14 +11,16 @@ from deeplab_tf.backbones.features import FeatureInfo, feature_extractor
 from deeplab_tf.backbones.mobilenet_v2 import build_mobilenet_v2
 from deeplab_tf.backbones.output_stride import OUTPUT_STRIDES, check_output_stride
 from deeplab_tf.backbones.resnet import RESNET_UNITS, build_resnet
+from deeplab_tf.backbones.vgg import VGG_BACKBONES, build_vgg16, build_vgg16_frontend
 from deeplab_tf.backbones.weights import (
     TransferReport,
     WeightsUnavailableError,
     load_backbone_weights,
     transfer_weights,
+    weights_source,
 )
 
-BACKBONES = (*RESNET_UNITS, "mobilenetv2")
+BACKBONES = (*RESNET_UNITS, "mobilenetv2", *VGG_BACKBONES)
 
 
 def build_backbone(
@@ -31,13 +34,22 @@ def build_backbone(
     sync_batchnorm: bool = False,
     input_shape: tuple[int | None, int | None, int] = (None, None, 3),
     weights: str | None = None,
+    msc_taps: bool = False,
 ) -> keras.Model:
     """Builds a backbone by name and optionally fills it with ImageNet weights.
 
     ``multi_grid``, ``cascade_blocks`` and ``implementation`` apply to ResNets,
-    ``alpha`` to MobileNetV2; see ``build_resnet`` and ``build_mobilenet_v2``.
-    ``weights`` is as in ``load_backbone_weights``.
+    ``alpha`` to MobileNetV2, ``msc_taps`` to ``vgg16``; see ``build_resnet``,
+    ``build_mobilenet_v2``, ``build_vgg16`` and ``build_vgg16_frontend`` (VGG-16:
+    ``implementation`` too). ``weights`` is as in ``load_backbone_weights``; for VGG
+    it fills the convolutions (``vgg.load_vgg16_weights`` also fills fc6/fc7).
     """
+    if arch not in BACKBONES:
+        raise ValueError(f"backbone must be one of {list(BACKBONES)}, got {arch!r}")
+    if msc_taps and arch != "vgg16":
+        raise ValueError(f"msc_taps (DeepLab-MSc) applies to vgg16 only, not {arch}")
+    if cascade_blocks and arch not in RESNET_UNITS:
+        raise ValueError(f"cascade_blocks applies to ResNet backbones only, not {arch}")
     if arch in RESNET_UNITS:
         model = build_resnet(
             arch,
@@ -50,8 +62,6 @@ def build_backbone(
             input_shape=input_shape,
         )
     elif arch == "mobilenetv2":
-        if cascade_blocks:
-            raise ValueError("cascade_blocks applies to ResNet backbones only, not mobilenetv2")
         model = build_mobilenet_v2(
             alpha=alpha,
             output_stride=output_stride,
@@ -59,8 +69,10 @@ def build_backbone(
             sync_batchnorm=sync_batchnorm,
             input_shape=input_shape,
         )
+    elif arch == "vgg16":
+        model = build_vgg16(output_stride, implementation, input_shape, msc_taps=msc_taps)
     else:
-        raise ValueError(f"backbone must be one of {list(BACKBONES)}, got {arch!r}")
+        model = build_vgg16_frontend(output_stride, implementation, input_shape)
     load_backbone_weights(model, arch, weights, alpha)
     return model
 
@@ -76,4 +88,5 @@ __all__ = [
     "feature_extractor",
     "load_backbone_weights",
     "transfer_weights",
+    "weights_source",
 ]

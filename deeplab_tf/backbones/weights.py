@@ -69,7 +69,11 @@ def transfer_weights(source: keras.Model, target: keras.Model) -> TransferReport
 
 
 def keras_application(arch: str, weights: str | None, alpha: float = 1.0) -> keras.Model:
-    """The ``keras.applications`` model (no top) whose layers our backbone ``arch`` mirrors."""
+    """The ``keras.applications`` model whose layers our backbone ``arch`` mirrors.
+
+    Without the classifier top, except for VGG-16, whose fully connected fc1/fc2
+    become the fc6/fc7 convolutions of DeepLab and of the Yu-Koltun front end.
+    """
     constructors = {
         "resnet50": keras.applications.ResNet50,
         "resnet101": keras.applications.ResNet101,
@@ -78,24 +82,26 @@ def keras_application(arch: str, weights: str | None, alpha: float = 1.0) -> ker
         return keras.applications.MobileNetV2(
             input_shape=(224, 224, 3), alpha=alpha, include_top=False, weights=weights
         )
+    if arch in ("vgg16", "vgg16_frontend"):
+        return keras.applications.VGG16(include_top=True, weights=weights)
     if arch not in constructors:
-        raise ValueError(f"arch must be one of {[*sorted(constructors), 'mobilenetv2']}")
+        raise ValueError(f"arch must be one of {[*sorted(constructors), 'mobilenetv2', 'vgg16']}")
     return constructors[arch](include_top=False, weights=weights)
 
 
-def load_backbone_weights(
-    backbone: keras.Model, arch: str, weights: str | os.PathLike | None, alpha: float = 1.0
-) -> TransferReport | None:
-    """Fills ``backbone`` from ImageNet weights by layer name.
+def weights_source(
+    arch: str, weights: str | os.PathLike | None, alpha: float = 1.0
+) -> keras.Model | None:
+    """The model holding the ImageNet weights ``weights`` names for backbone ``arch``.
 
     Args:
-        backbone: a model from ``build_backbone``.
-        arch: its architecture name (``resnet50``, ``resnet101``, ``mobilenetv2``).
-        weights: ``None`` (keep the initialisation), ``"imagenet"`` (the
-            keras.applications weights, downloaded into ``~/.keras/models`` on first
-            use), or the path of a weights file: a keras.applications weights file
-            (``.h5``/``.weights.h5``) or a saved ``.keras`` model with the same
-            layer names.
+        arch: the backbone's architecture name (``resnet50``, ``resnet101``,
+            ``mobilenetv2``, ``vgg16``, ``vgg16_frontend``).
+        weights: ``None`` (nothing to load), ``"imagenet"`` (the keras.applications
+            weights, downloaded into ``~/.keras/models`` on first use), or the path of
+            a weights file: a keras.applications weights file (``.h5``/``.weights.h5``;
+            the 'notop' one, but VGG-16's with its top) or a saved ``.keras`` model
+            with the same layer names.
 
     Raises:
         WeightsUnavailableError: the ImageNet weights cannot be downloaded or the
@@ -103,22 +109,35 @@ def load_backbone_weights(
     """
     if weights is None:
         return None
+    top = "with-top" if arch.startswith("vgg16") else "'notop'"
     if weights == "imagenet":
         try:
-            source = keras_application(arch, "imagenet", alpha)
+            return keras_application(arch, "imagenet", alpha)
         except Exception as error:  # keras raises a bare Exception on download failure
             raise WeightsUnavailableError(
                 f"could not get the ImageNet weights of {arch} from keras.applications "
                 f"({error}); on a machine without internet, copy the keras.applications "
-                f"'notop' weights file here and pass its path as backbone_weights"
+                f"{top} weights file here and pass its path as backbone_weights"
             ) from error
-    else:
-        path = os.fspath(weights)
-        if not os.path.isfile(path):
-            raise WeightsUnavailableError(f"backbone_weights file not found: {path}")
-        if path.endswith(".keras"):
-            source = keras.models.load_model(path, compile=False)
-        else:
-            source = keras_application(arch, None, alpha)
-            source.load_weights(path)
-    return transfer_weights(source, backbone)
+    path = os.fspath(weights)
+    if not os.path.isfile(path):
+        raise WeightsUnavailableError(f"backbone_weights file not found: {path}")
+    if path.endswith(".keras"):
+        return keras.models.load_model(path, compile=False)
+    source = keras_application(arch, None, alpha)
+    source.load_weights(path)
+    return source
+
+
+def load_backbone_weights(
+    backbone: keras.Model, arch: str, weights: str | os.PathLike | None, alpha: float = 1.0
+) -> TransferReport | None:
+    """Fills ``backbone`` (a model from ``build_backbone``) from the ImageNet weights
+    ``weights`` (see ``weights_source``) by layer name; None when ``weights`` is None.
+
+    Raises:
+        WeightsUnavailableError: the ImageNet weights cannot be downloaded or the
+            file does not exist.
+    """
+    source = weights_source(arch, weights, alpha)
+    return None if source is None else transfer_weights(source, backbone)
