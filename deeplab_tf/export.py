@@ -491,6 +491,8 @@ def export(
     quantize = parse_quantize(quantize)
     if "tflite" in formats and input_size is None:
         raise ExportError("--input-size is required for --format tflite (a fixed size)")
+    if "tflite" not in formats and (input_size is not None or quantize != ("none",)):
+        raise ExportError("--input-size and --quantize apply to --format tflite only")
     needs_data = ("tflite" in formats and "int8" in quantize) or evaluate_split
     if needs_data and data_dir is None:
         raise ExportError("--data-dir is required for int8 calibration and --evaluate-split")
@@ -578,6 +580,8 @@ def export(
             keras_model_for_apps(predictor).save(tmp / KERAS_FILE)
             manifest["formats"]["keras"] = _file_entry(tmp / KERAS_FILE, tmp)
         write_json_atomic(tmp / MANIFEST, manifest)
+        if path.exists() and not overwrite:  # written by another export meanwhile
+            raise ExportError(f"--version {path.name}: {path} exists; pass --overwrite")
         replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

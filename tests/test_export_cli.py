@@ -43,6 +43,7 @@ def _one_line_error(capsys, *args) -> str:
         (["--format", "tflite", "--quantize", "int4"], "--quantize must be one or more of"),
         (["--format", "tflite", "--input-size", "0"], "--input-size must be H or H,W"),
         (["--format", "tflite", "--quantize", "int8"], "--data-dir is required for int8"),
+        (["--format", "keras", "--input-size", "64"], "apply to --format tflite only"),
         (["--version", "0", "--format", "keras"], "--version must be a positive integer"),
         (["--name", "a/b"], "--name must be a plain directory name"),
     ],
