@@ -17,6 +17,8 @@ quickstart: $(VENV)/.installed
 	$(PY) predict.py --checkpoint runs/quickstart --output-dir runs/quickstart/predictions \
 		--overwrite 'data/shapes/raw/JPEGImages/val_0000[0-5].jpg'
 	@echo "Overlays of 6 val images: runs/quickstart/predictions/*_overlay.jpg (masks: *.png)"
+	$(PY) export.py --model-dir runs/quickstart --format savedmodel tflite \
+		--export-dir runs/exports --name quickstart --version 1 --overwrite
 
 test: $(VENV)/.installed
 	$(PY) -m ruff check .

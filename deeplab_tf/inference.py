@@ -90,12 +90,14 @@ class CheckpointInfo:
         variant: the trained variant, or None when no config.json names it.
         output_stride: the training output stride, or None.
         data_dir: the TFRecords it was trained on, or None.
+        crop_size: the training crop size, or None.
     """
 
     path: Path
     variant: Variant | None = None
     output_stride: int | None = None
     data_dir: str | None = None
+    crop_size: int | None = None
 
 
 def _tuples(value: Any) -> Any:
@@ -124,7 +126,13 @@ def read_checkpoint_info(path: str | os.PathLike, flag: str = "--checkpoint") ->
     except (ValueError, TypeError) as error:
         raise InferenceError(f"{config_file}: cannot read the variant ({error})") from error
     recipe = config.get("recipe") or {}
-    return CheckpointInfo(checkpoint, variant, recipe.get("output_stride"), config.get("data_dir"))
+    return CheckpointInfo(
+        checkpoint,
+        variant,
+        recipe.get("output_stride"),
+        config.get("data_dir"),
+        recipe.get("crop_size"),
+    )
 
 
 def load_checkpoint(path: str | os.PathLike, flag: str = "--checkpoint") -> keras.Model:
@@ -168,7 +176,10 @@ def logits_model(model: keras.Model) -> keras.Model:
 
 
 def model_at_output_stride(
-    model: keras.Model, output_stride: int, variant: str | Variant | None = None
+    model: keras.Model,
+    output_stride: int,
+    variant: str | Variant | None = None,
+    upsample_logits: bool = False,
 ) -> keras.Model:
     """The same weights in the variant's model built at ``output_stride``.
 
@@ -179,6 +190,8 @@ def model_at_output_stride(
         model: a model from ``build_model`` (or loaded from its ``.keras`` file).
         output_stride: 8, 16 or 32.
         variant: its variant; default: the registered variant named like the model.
+        upsample_logits: end with the model's upsampling to the input size (as
+            ``build_model``) instead of at the ``logits`` layer (as the Predictor wants).
     """
     if variant is None:
         if model.name not in VARIANTS:
@@ -188,7 +201,7 @@ def model_at_output_stride(
             )
         variant = model.name
     target = build_model(
-        variant, num_classes_of(model), output_stride=output_stride, upsample_logits=False
+        variant, num_classes_of(model), output_stride=output_stride, upsample_logits=upsample_logits
     )
     try:
         report = transfer_weights(model, target)
@@ -324,27 +337,38 @@ class Predictor:
             "tile_overlap": self.tile_overlap,
         }
 
-    def tile_probabilities(self, tile: tf.Tensor) -> tf.Tensor:
-        """Probabilities float32 [h, w, C] of one tile float32 [1, h, w, 3], fused over
-        the scales and flips (a TensorFlow function: traceable for export)."""
-        size = tf.shape(tile)[1:3]
+    def batch_probabilities(self, images: tf.Tensor) -> tf.Tensor:
+        """Probabilities float32 [N, h, w, C] of images float32 [N, h, w, 3] (pixels in
+        [0, 255]), each fused over the scales and flips: a TensorFlow function, traced
+        into the exported SavedModel's signatures as well."""
+        size = tf.shape(images)[1:3]
+        count = tf.shape(images)[0]
         fused = None
         for scale in self.scales:
-            x = tile if scale == 1.0 else resize_bilinear_aligned(tile, scaled_size(size, scale))
-            if self.flip:  # one batch of two: the image and its mirror
+            x = (
+                images
+                if scale == 1.0
+                else resize_bilinear_aligned(images, scaled_size(size, scale))
+            )
+            if self.flip:  # one batch of 2N: the images, then their mirrors
                 x = tf.concat([x, tf.reverse(x, axis=[2])], axis=0)
             logits = resize_logits_bilinear(self._forward(x), size)
-            if self.flip:
-                logits = tf.concat([logits[:1], tf.reverse(logits[1:], axis=[2])], axis=0)
+            views = (
+                [logits[:count], tf.reverse(logits[count:], axis=[2])] if self.flip else [logits]
+            )
             if self.fusion == "mean":
-                part = tf.reduce_sum(tf.nn.softmax(logits, axis=-1), axis=0)
+                part = tf.add_n([tf.nn.softmax(view, axis=-1) for view in views])
                 fused = part if fused is None else fused + part
             else:
-                part = tf.reduce_max(logits, axis=0)
+                part = views[0] if len(views) == 1 else tf.maximum(views[0], views[1])
                 fused = part if fused is None else tf.maximum(fused, part)
         if self.fusion == "mean":
             return fused / float(len(self.scales) * (2 if self.flip else 1))
         return tf.nn.softmax(fused, axis=-1)
+
+    def tile_probabilities(self, tile: tf.Tensor) -> tf.Tensor:
+        """Probabilities float32 [h, w, C] of one tile float32 [1, h, w, 3]."""
+        return self.batch_probabilities(tile)[0]
 
     def _tile(self, image: np.ndarray) -> np.ndarray:
         tile = tf.convert_to_tensor(np.asarray(image, np.float32)[None])

@@ -129,6 +129,16 @@ class TestScalesAndFlips:
             expected = numpy_softmax(logits.max(0))
         np.testing.assert_allclose(predictor.predict(image), expected, atol=2e-4)
 
+    @pytest.mark.parametrize("fusion", ["mean", "max"])
+    def test_a_batch_gives_each_image_its_own_probabilities(self, model, image, fusion):
+        """batch_probabilities (traced by the exported signatures) on two images equals
+        predict on each: scales and flips never mix the images of a batch."""
+        predictor = Predictor(model, scales=(0.75, 1.0), flip=True, fusion=fusion)
+        images = np.stack([image, image[::-1, ::-1]])
+        batch = predictor.batch_probabilities(images.astype(np.float32)).numpy()
+        for i in range(2):  # up to the rounding of batched convolutions (2e-5)
+            np.testing.assert_allclose(batch[i], predictor.predict(images[i]), atol=1e-4)
+
     def test_jit_compile_gives_the_same_probabilities(self, model, image):
         """Only the model is compiled: XLA's CPU aligned-corners resize is wrong for the
         3x4 -> 45x61 logits of this image (TensorFlow issue 118344)."""

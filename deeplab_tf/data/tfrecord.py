@@ -98,17 +98,23 @@ def parse_example(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
     return parsed
 
 
-def decode_example(parsed: dict[str, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
-    """Decodes a parsed example to (image uint8 [H, W, 3], label uint8 [H, W])."""
-    encoded = parsed[IMAGE_ENCODED]
+def decode_image(encoded: tf.Tensor) -> tf.Tensor:
+    """JPEG or PNG bytes -> RGB uint8 [H, W, 3] (the decoder of the readers and of the
+    exported serving signatures)."""
     # INTEGER_ACCURATE: TF's default fast IDCT differs from PIL/libjpeg by a few levels.
     image = tf.cond(
         tf.io.is_jpeg(encoded),
         lambda: tf.io.decode_jpeg(encoded, channels=3, dct_method="INTEGER_ACCURATE"),
         lambda: tf.io.decode_png(encoded, channels=3),
     )
-    label = tf.io.decode_png(parsed[LABEL_ENCODED], channels=1)
     image.set_shape([None, None, 3])
+    return image
+
+
+def decode_example(parsed: dict[str, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
+    """Decodes a parsed example to (image uint8 [H, W, 3], label uint8 [H, W])."""
+    image = decode_image(parsed[IMAGE_ENCODED])
+    label = tf.io.decode_png(parsed[LABEL_ENCODED], channels=1)
     label = tf.reshape(label, tf.shape(label)[:2])
     return image, label
 

@@ -1,0 +1,411 @@
+"""Export: the SavedModel's signatures against the Keras model (directly, through
+saved_model_cli and through TF Serving's request protos), the TFLite files run by
+ai-edge-litert, and the .keras file in a fresh process.
+
+One export (every format, every quantization) of a tiny DeepLab v3 briefly trained on
+shapes is shared by the tests: TFLite conversion is slow.
+"""
+
+import base64
+import importlib.util
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+from tensorflow_serving.apis import predict_pb2
+
+from deeplab_tf import build_model
+from deeplab_tf.data import pipeline, tfrecord
+from deeplab_tf.data.shapes import ensure_shapes_tfrecords
+from deeplab_tf.data.specs import SPECS
+from deeplab_tf.export import (
+    CRF_MISSING,
+    FORMATS,
+    KERAS_FILE,
+    QUANTIZATIONS,
+    ExportError,
+    TFLitePredictor,
+    export,
+    load_crf,
+    save_serving_model,
+    tflite_file,
+)
+from deeplab_tf.inference import Predictor
+from deeplab_tf.losses import SoftmaxCrossEntropy
+from tests.helpers import tiny_variant
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEC = SPECS["shapes"]
+SIZE = 48  # shapes images and the TFLite input size
+rng = np.random.default_rng(8)
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("shapes")
+    return ensure_shapes_tfrecords(root, num_train=32, num_val=12, image_size=SIZE)
+
+
+@pytest.fixture(scope="module")
+def model(shapes) -> keras.Model:
+    """The tiny DeepLab v3 after 120 training steps on shapes. A random network would
+    not do: with its batch norm calibrated on one batch, its float16 TFLite file changes
+    2 to 3% of its labels (the quickstart model's, 0.02%)."""
+    keras.utils.set_random_seed(0)
+    model = build_model(tiny_variant(), SPEC.num_classes, bn_momentum=0.9)
+    weights = [0.3] + [1.0] * (SPEC.num_classes - 1)  # background covers most pixels
+    model.compile(keras.optimizers.Adam(3e-3), SoftmaxCrossEntropy(class_weights=weights))
+    data = pipeline.train_dataset(
+        shapes, batch_size=8, crop_size=SIZE, min_scale=1.0, max_scale=1.0, seed=0
+    )
+    model.fit(data, steps_per_epoch=120, epochs=1, verbose=0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def exported(model, shapes, tmp_path_factory):
+    return export(
+        Predictor(model),
+        tmp_path_factory.mktemp("exports"),
+        formats=FORMATS,
+        name="shapes-net",
+        spec=SPEC,
+        input_size=(SIZE, SIZE),
+        quantize=QUANTIZATIONS,
+        data_dir=shapes,
+        calibration_images=16,
+        evaluate_split="val",
+        log=lambda *_: None,
+    )
+
+
+@pytest.fixture(scope="module")
+def signatures(exported):
+    return tf.saved_model.load(str(exported.path)).signatures
+
+
+@pytest.fixture(scope="module")
+def val_images(shapes) -> np.ndarray:
+    return np.stack([image[0].numpy() for image, _ in pipeline.eval_dataset(shapes, "val")])
+
+
+def keras_probabilities(model: keras.Model, images: np.ndarray) -> np.ndarray:
+    logits = model(np.asarray(images, np.float32), training=False)
+    return tf.nn.softmax(logits, axis=-1).numpy()
+
+
+def encode(image: np.ndarray, image_format: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format=image_format, quality=95)
+    return buffer.getvalue()
+
+
+def test_version_directory(exported):
+    path = exported.path
+    assert path.name == "1" and path.parent.name == "shapes-net"
+    names = {p.name for p in path.iterdir()}
+    assert {"saved_model.pb", "variables", KERAS_FILE, "export.json"} <= names
+    assert {tflite_file(q) for q in QUANTIZATIONS} <= names
+    assert [p.name for p in path.parent.iterdir()] == ["1"]  # no temporary directory left
+    manifest = json.loads((path / "export.json").read_text())
+    assert manifest["class_names"] == list(SPEC.class_names)
+    assert manifest["colors"] == SPEC.palette()[: SPEC.num_classes].tolist()
+    files = manifest["formats"]["tflite"]["files"]
+    sizes = [files[q]["bytes"] for q in ("none", "float16", "int8")]
+    assert sizes == sorted(sizes, reverse=True), sizes  # float32 > float16 > int8
+
+
+class TestSavedModel:
+    def test_serving_default_equals_the_keras_model(self, signatures, model):
+        for height, width in [(33, 47), (48, 48), (97, 64)]:
+            images = rng.integers(0, 256, (2, height, width, 3), dtype=np.uint8)
+            outputs = signatures["serving_default"](images=tf.constant(images))
+            expected = keras_probabilities(model, images)
+            labels = outputs["labels"].numpy()
+            assert outputs["labels"].dtype == tf.int32 and labels.shape == (2, height, width)
+            np.testing.assert_allclose(outputs["probabilities"], expected, atol=1e-4)
+            np.testing.assert_array_equal(labels, outputs["probabilities"].numpy().argmax(-1))
+            assert (labels == expected.argmax(-1)).mean() > 0.999
+
+    def test_saved_model_cli_shows_the_documented_signatures(self, exported):
+        shown = subprocess.run(
+            [_saved_model_cli(), "show", "--dir", str(exported.path), "--all"],
+            capture_output=True, text=True, check=True, env=_quiet_env(),
+        ).stdout  # fmt: skip
+        found = {}
+        for name, body in re.findall(
+            r"signature_def\['(\w+)'\]:\n(.*?)(?=\nsignature_def\[|\nThe MetaGraph|\Z)",
+            shown,
+            re.DOTALL,
+        ):
+            tensors = re.findall(r"(inputs|outputs)\['(\w+)'\] tensor_info:\s+dtype: (\w+)\s+"
+                                 r"shape: (.+)", body)  # fmt: skip
+            found[name] = {(kind, key, dtype, shape) for kind, key, dtype, shape in tensors}
+        c = f"{SPEC.num_classes}"
+        masks = {
+            ("outputs", "labels", "DT_INT32", "(-1, -1, -1)"),
+            ("outputs", "probabilities", "DT_FLOAT", f"(-1, -1, -1, {c})"),
+        }
+        sizes = {("outputs", k, "DT_INT32", "(-1)") for k in ("heights", "widths")}
+        assert found["serving_default"] == {
+            ("inputs", "images", "DT_UINT8", "(-1, -1, -1, 3)"), *masks,
+        }  # fmt: skip
+        assert found["predict_encoded"] == {
+            ("inputs", "image_bytes", "DT_STRING", "(-1)"), *masks, *sizes,
+        }  # fmt: skip
+        assert found["predict_example"] == {
+            ("inputs", "examples", "DT_STRING", "(-1)"), *masks, *sizes,
+            ("outputs", "filenames", "DT_STRING", "(-1)"),
+        }  # fmt: skip
+        assert found["classes"] == {
+            ("inputs", "class_ids", "DT_INT32", "(-1)"),
+            ("outputs", "class_names", "DT_STRING", "(-1)"),
+            ("outputs", "colors", "DT_UINT8", "(-1, 3)"),
+        }
+        assert shown.count("Method name is: tensorflow/serving/predict") == 4
+
+    def test_saved_model_cli_runs_serving_default_on_npy(self, exported, model, tmp_path):
+        images = rng.integers(0, 256, (2, 37, 52, 3), dtype=np.uint8)
+        np.save(tmp_path / "images.npy", images)
+        subprocess.run(
+            [_saved_model_cli(), "run", "--dir", str(exported.path), "--tag_set", "serve",
+             "--signature_def", "serving_default", "--inputs", f"images={tmp_path / 'images.npy'}",
+             "--outdir", str(tmp_path / "out")],
+            capture_output=True, text=True, check=True, env=_quiet_env(),
+        )  # fmt: skip
+        probabilities = np.load(tmp_path / "out" / "probabilities.npy")
+        labels = np.load(tmp_path / "out" / "labels.npy")
+        np.testing.assert_allclose(probabilities, keras_probabilities(model, images), atol=1e-4)
+        assert labels.dtype == np.int32 and labels.shape == (2, 37, 52)
+        np.testing.assert_array_equal(labels, probabilities.argmax(-1))
+
+    def test_predict_request_protos_run_through_the_signature(self, signatures, model):
+        """What TF Serving does with a gRPC PredictRequest: the TensorProtos become
+        arrays (tf.make_ndarray), the named signature runs, the outputs go back as
+        TensorProtos in a PredictResponse."""
+        images = rng.integers(0, 256, (2, 41, 35, 3), dtype=np.uint8)
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name = "shapes-net"
+        request.model_spec.signature_name = "serving_default"
+        request.inputs["images"].CopyFrom(tf.make_tensor_proto(images))
+        received = predict_pb2.PredictRequest.FromString(request.SerializeToString())
+
+        signature = signatures[received.model_spec.signature_name]
+        inputs = {k: tf.constant(tf.make_ndarray(v)) for k, v in received.inputs.items()}
+        response = predict_pb2.PredictResponse()
+        for key, value in signature(**inputs).items():
+            response.outputs[key].CopyFrom(tf.make_tensor_proto(value.numpy()))
+        response = predict_pb2.PredictResponse.FromString(response.SerializeToString())
+
+        probabilities = tf.make_ndarray(response.outputs["probabilities"])
+        labels = tf.make_ndarray(response.outputs["labels"])
+        np.testing.assert_allclose(probabilities, keras_probabilities(model, images), atol=1e-4)
+        assert labels.dtype == np.int32
+        np.testing.assert_array_equal(labels, probabilities.argmax(-1))
+
+    def test_encoded_jpeg_and_png_of_different_sizes(self, signatures, model):
+        """A JPEG and a PNG of different sizes in one REST request with {"b64": ...}
+        (decoded as TF Serving decodes it): outputs at each image's size, padded."""
+        jpeg = rng.integers(0, 256, (40, 57, 3), dtype=np.uint8)
+        png = rng.integers(0, 256, (61, 35, 3), dtype=np.uint8)
+        body = json.dumps({
+            "signature_name": "predict_encoded",
+            "instances": [
+                {"b64": base64.b64encode(encode(jpeg, "JPEG")).decode()},
+                {"b64": base64.b64encode(encode(png, "PNG")).decode()},
+            ],
+        })  # fmt: skip
+        request = json.loads(body)
+        image_bytes = [base64.b64decode(instance["b64"]) for instance in request["instances"]]
+        outputs = signatures[request["signature_name"]](image_bytes=tf.constant(image_bytes))
+
+        np.testing.assert_array_equal(outputs["heights"], [40, 61])
+        np.testing.assert_array_equal(outputs["widths"], [57, 35])
+        labels, probabilities = outputs["labels"].numpy(), outputs["probabilities"].numpy()
+        assert labels.shape == (2, 61, 57) and probabilities.shape == (2, 61, 57, 6)
+        for i, data in enumerate(image_bytes):
+            decoded = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))  # PIL, not TF
+            h, w = decoded.shape[:2]
+            expected = keras_probabilities(model, decoded[None])[0]
+            np.testing.assert_allclose(probabilities[i, :h, :w], expected, atol=1e-4)
+            np.testing.assert_array_equal(labels[i, :h, :w], probabilities[i, :h, :w].argmax(-1))
+            assert (labels[i, h:] == 255).all() and (labels[i, :, w:] == 255).all()
+            assert not probabilities[i, h:].any() and not probabilities[i, :, w:].any()
+
+    def test_predict_example_reads_our_tfrecord_examples(self, signatures, shapes):
+        records = list(tf.data.TFRecordDataset(tfrecord.list_shards(shapes, "val")).take(2))
+        outputs = signatures["predict_example"](examples=tf.stack(records))
+        parsed = [tfrecord.parse_example(r) for r in records]
+        encoded = signatures["predict_encoded"](
+            image_bytes=tf.stack([p[tfrecord.IMAGE_ENCODED] for p in parsed])
+        )
+        for key in ("labels", "probabilities", "heights", "widths"):
+            np.testing.assert_array_equal(outputs[key], encoded[key])
+        np.testing.assert_array_equal(outputs["heights"], [SIZE, SIZE])
+        assert outputs["filenames"].numpy().tolist() == [
+            p[tfrecord.IMAGE_FILENAME].numpy() for p in parsed
+        ]
+
+    def test_classes_give_names_and_colours(self, signatures):
+        ids = [*range(SPEC.num_classes), 255]
+        outputs = signatures["classes"](class_ids=tf.constant(ids, tf.int32))
+        names = [n.decode() for n in outputs["class_names"].numpy()]
+        assert names == [*SPEC.class_names, "ignore"]
+        np.testing.assert_array_equal(outputs["colors"], SPEC.palette()[ids])
+
+    @pytest.mark.parametrize(
+        "signature, value, message",
+        [
+            ("serving_default", np.zeros((1, 8, 8, 3), np.float32), "expected to be a uint8"),
+            ("serving_default", np.zeros((8, 8, 3), np.uint8),
+             r"tensor images \[8,8,3\] is not compatible with expected shape \[\?,\?,\?,3\]"),
+            ("serving_default", np.zeros((1, 8, 8, 4), np.uint8),
+             r"Shape of tensor images \[1,8,8,4\] is not compatible"),
+            ("predict_encoded", np.array([[b"x"]]), r"Shape of tensor image_bytes \[1,1\]"),
+            ("predict_encoded", np.array([], object), "at least one JPEG or PNG"),
+            ("predict_encoded", np.array([b"not an image"]), "PNG"),
+            ("classes", np.array([3, 300], np.int32), r"class_ids must be in 0\.\.255"),
+        ],
+    )  # fmt: skip
+    def test_bad_inputs_are_refused(self, signatures, signature, value, message):
+        function = signatures[signature]
+        (name,) = function.structured_input_signature[1]
+        tensor = tf.constant(value, tf.string) if value.dtype == object else tf.constant(value)
+        with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+            function(**{name: tensor})
+
+
+class TestTFLite:
+    def test_labels_agree_with_keras(self, exported, model, val_images):
+        expected = keras_probabilities(model, val_images).argmax(-1)
+        agreement = {}
+        for mode in QUANTIZATIONS:
+            predictor = TFLitePredictor(exported.path / tflite_file(mode))
+            assert predictor.input_size == (SIZE, SIZE) and predictor.num_classes == 6
+            labels = np.stack([predictor.predict_labels(image) for image in val_images])
+            agreement[mode] = float((labels == expected).mean())
+        assert agreement["none"] >= 0.995, agreement
+        assert agreement["float16"] >= 0.99, agreement
+        assert agreement["int8"] >= 0.95, agreement  # measured 0.98
+
+    def test_float32_probabilities_and_other_image_sizes(self, exported, model):
+        predictor = TFLitePredictor(exported.path / tflite_file("none"))
+        image = rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+        expected = keras_probabilities(model, image[None])[0]
+        np.testing.assert_allclose(predictor.predict(image), expected, atol=1e-4)
+        other = predictor.predict(rng.integers(0, 256, (33, 70, 3), dtype=np.uint8))
+        assert other.shape == (33, 70, 6)  # resized to the input size and back
+        np.testing.assert_allclose(other.sum(-1), 1.0, atol=1e-4)
+
+    def test_int8_is_full_integer_with_float_input_and_outputs(self, exported):
+        predictor = TFLitePredictor(exported.path / tflite_file("int8"))
+        runner = predictor.runner
+        assert runner.get_input_details()["images"]["dtype"] == np.float32
+        outputs = runner.get_output_details()
+        assert outputs["probabilities"]["dtype"] == np.float32
+        assert outputs["labels"]["dtype"] == np.int32
+        ops = predictor.interpreter._get_ops_details()
+        tensors = {t["index"]: t for t in predictor.interpreter.get_tensor_details()}
+        for op in ops:
+            if op["op_name"] in ("CONV_2D", "DEPTHWISE_CONV_2D", "RESIZE_BILINEAR", "SOFTMAX"):
+                dtypes = {tensors[i]["dtype"] for i in op["inputs"][:1]}
+                assert dtypes == {np.int8}, (op["op_name"], dtypes)
+        assert {op["op_name"] for op in ops} >= {"QUANTIZE", "DEQUANTIZE", "CONV_2D"}
+
+    def test_int8_mean_iou_drop(self, exported, model, shapes, val_images):
+        """The manifest's scores, recomputed from a numpy confusion matrix."""
+        labels = np.stack([label[0].numpy() for _, label in pipeline.eval_dataset(shapes, "val")])
+        keras_labels = keras_probabilities(model, val_images).argmax(-1)
+        predictor = TFLitePredictor(exported.path / tflite_file("int8"))
+        int8_labels = np.stack([predictor.predict_labels(image) for image in val_images])
+        keras_iou, int8_iou = _mean_iou(labels, keras_labels), _mean_iou(labels, int8_labels)
+        entry = exported.manifest["formats"]["tflite"]["files"]["int8"]
+        assert exported.manifest["evaluation"]["keras_mean_iou"] == pytest.approx(keras_iou)
+        assert entry["mean_iou"] == pytest.approx(int8_iou)
+        assert keras_iou - int8_iou <= 0.02, (keras_iou, int8_iou)
+
+
+def _mean_iou(labels: np.ndarray, predictions: np.ndarray, num_classes: int = 6) -> float:
+    valid = labels != 255
+    confusion = np.bincount(
+        labels[valid] * num_classes + predictions[valid], minlength=num_classes**2
+    ).reshape(num_classes, num_classes)
+    union = confusion.sum(0) + confusion.sum(1) - np.diag(confusion)
+    present = union > 0
+    return float((np.diag(confusion)[present] / union[present]).mean())
+
+
+def test_fresh_processes_load_the_savedmodel_and_the_keras_file(exported, model, tmp_path):
+    """The SavedModel needs TensorFlow only; the .keras file needs `import deeplab_tf`."""
+    images = rng.integers(0, 256, (1, 45, 38, 3), dtype=np.uint8)
+    np.save(tmp_path / "images.npy", images)
+    script = textwrap.dedent(
+        """
+        import sys
+        import numpy as np
+        import tensorflow as tf
+
+        path, images = sys.argv[1], np.load(sys.argv[2])
+        serve = tf.saved_model.load(path).signatures["serving_default"]
+        np.save(sys.argv[3], serve(images=tf.constant(images))["probabilities"].numpy())
+        assert "deeplab_tf" not in sys.modules
+
+        import keras
+        try:
+            keras.models.load_model(f"{path}/model.keras")
+        except Exception:
+            print("refused without deeplab_tf")
+        import deeplab_tf
+        model = keras.models.load_model(f"{path}/model.keras")
+        np.save(sys.argv[4], model.predict(images.astype("float32"), verbose=0))
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(exported.path), str(tmp_path / "images.npy"),
+         str(tmp_path / "saved.npy"), str(tmp_path / "keras.npy")],
+        capture_output=True, text=True, env=_quiet_env(), cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "refused without deeplab_tf" in done.stdout
+    expected = model(images.astype("float32"), training=False).numpy()
+    np.testing.assert_allclose(np.load(tmp_path / "keras.npy"), expected, atol=1e-4)
+    np.testing.assert_allclose(
+        np.load(tmp_path / "saved.npy"), tf.nn.softmax(expected).numpy(), atol=1e-4
+    )
+
+
+def test_crf_in_the_savedmodel(model, tmp_path):
+    """Without deeplab_tf.crf, a one-line error; with it, the signature's probabilities
+    are the TensorFlow CRF's refinement of the network's."""
+    if importlib.util.find_spec("deeplab_tf.crf") is None:
+        with pytest.raises(ExportError, match=f"^{CRF_MISSING}$"):
+            load_crf()
+        return
+    from deeplab_tf import crf
+
+    names = list(SPEC.class_names)
+    save_serving_model(Predictor(model), tmp_path / "m", names, SPEC.palette(), load_crf())
+    serve = tf.saved_model.load(str(tmp_path / "m")).signatures["serving_default"]
+    images = rng.integers(0, 256, (2, 33, 41, 3), dtype=np.uint8)
+    probabilities = keras_probabilities(model, images)
+    expected = crf.crf_tensorflow(images, probabilities, crf.CRFParams()).numpy()
+    outputs = serve(images=tf.constant(images))
+    np.testing.assert_allclose(outputs["probabilities"], expected, atol=1e-4)
+
+
+def _saved_model_cli() -> str:
+    return str(Path(sys.executable).with_name("saved_model_cli"))
+
+
+def _quiet_env() -> dict[str, str]:
+    return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(ROOT)}
