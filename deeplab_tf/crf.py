@@ -51,7 +51,6 @@ import tensorflow as tf
 
 from deeplab_tf.data.specs import IGNORE_LABEL
 from deeplab_tf.metrics import confusion_matrix_scores
-from deeplab_tf.training import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +125,7 @@ class CRFParams:
 
     def save(self, path: str | Path) -> None:
         """Writes the parameters as JSON (atomically)."""
-        write_json_atomic(path, self.to_dict())
+        _write_json_atomic(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> CRFParams:
@@ -144,6 +143,13 @@ class CRFParams:
             return cls.from_dict(data)
         except (TypeError, ValueError) as e:
             raise ValueError(f"{path}: {e}") from None
+
+
+def _write_json_atomic(path: str | Path, data: Any) -> None:
+    # Imported here: training imports evaluation, which imports this module.
+    from deeplab_tf.training import write_json_atomic
+
+    write_json_atomic(path, data)
 
 
 # === Input checks and backend choice ===
@@ -311,6 +317,42 @@ def _pool(backend: str, workers: int | None, data: list[tuple[np.ndarray, ...]])
 def _refine_cached_pair(index: int, params: CRFParams) -> np.ndarray:
     image, probabilities = _WORKER_DATA[index][:2]
     return _refine_pydensecrf(image, probabilities, params)
+
+
+# === Command-line options shared by evaluate.py, predict.py and tune_crf.py ===
+
+
+def add_crf_arguments(parser, workers: bool = True, switch: bool = True) -> None:
+    """``--crf``, ``--crf-params FILE`` (implies ``--crf``), ``--crf-backend`` and, with
+    ``workers``, ``--crf-workers`` (argparse); ``switch=False`` leaves out the first two."""
+    if switch:
+        parser.add_argument(
+            "--crf", action="store_true", help="refine with the dense CRF (v1/v2 post-processing)"
+        )
+        parser.add_argument(
+            "--crf-params",
+            metavar="FILE",
+            help="CRF parameters JSON (tune_crf.py's output); implies --crf (default: CRFParams())",
+        )
+    parser.add_argument(
+        "--crf-backend", choices=BACKENDS, default="auto", help="auto: pydensecrf if installed"
+    )
+    if workers:
+        parser.add_argument(
+            "--crf-workers", type=int, help="images refined at once (default: the CPU count)"
+        )
+
+
+def crf_params_from_args(args) -> CRFParams | None:
+    """The parameters asked for by ``add_crf_arguments``' flags, or None without CRF.
+
+    Raises a one-line ``ValueError`` naming the file or flag at fault."""
+    workers = getattr(args, "crf_workers", None)
+    if workers is not None and workers < 1:
+        raise ValueError(f"--crf-workers must be >= 1, got {workers}")
+    if args.crf_params:
+        return CRFParams.load(args.crf_params)
+    return CRFParams() if args.crf else None
 
 
 # === TensorFlow backend: permutohedral lattice ===
@@ -610,6 +652,8 @@ class SearchGrid:
             values = tuple(sorted({float(v) for v in getattr(self, name)}))
             if not values:
                 raise ValueError(f"CRF search grid for {name} is empty")
+            for value in values:  # CRFParams' checks: finite, sigmas > 0, weights >= 0
+                CRFParams(**{name: value})
             object.__setattr__(self, name, values)
 
     def combinations(self, base: CRFParams) -> list[CRFParams]:
@@ -663,9 +707,10 @@ class SearchResult:
         }
 
 
-def write_search_result(path: str | Path, result: SearchResult) -> None:
-    """Writes ``result.to_dict()`` as JSON atomically; ``--crf-params`` can read the file."""
-    write_json_atomic(path, result.to_dict())
+def write_search_result(path: str | Path, result: SearchResult, **context: Any) -> None:
+    """Writes ``result.to_dict()`` (and ``context``: where the data came from) as JSON
+    atomically; ``CRFParams.load`` and so ``--crf-params`` read the file."""
+    _write_json_atomic(path, {**result.to_dict(), **context})
 
 
 def format_results_table(result: SearchResult, top: int = 10) -> str:
@@ -712,7 +757,8 @@ def search_params(
         rounds: 1 for the coarse grid only.
         backend: ``BACKENDS``; pydensecrf runs (combination, image) pairs in
             ``workers`` processes (default: the CPU count).
-        progress: called as ``progress(done, total)`` after each evaluated pair.
+        progress: called as ``progress(done, total)`` with done = 0 when a round starts
+            and after each evaluated pair.
     """
     grid = grid or SearchGrid()
     base = base or CRFParams()
@@ -797,6 +843,8 @@ def _evaluate(todo, data, num_classes, ignore_label, backend, pool, progress) ->
 
         results = pool.map(task, *zip(*tasks, strict=True))
     totals = {params: np.zeros((num_classes, num_classes), np.int64) for params in todo}
+    if progress is not None:
+        progress(0, len(tasks))  # the round starts
     for done, ((params, _), confusion) in enumerate(zip(tasks, results, strict=True), start=1):
         totals[params] += confusion
         if progress is not None:
