@@ -1,13 +1,16 @@
 """Predict segmentation masks for images with a DeepLab checkpoint.
 
     python predict.py --checkpoint runs/quickstart photos/ 'more/*.jpg' one.png \\
-        --output-dir predictions [--overwrite] [--output-stride 8 --scales v3 --flip]
+        --output-dir predictions [--overwrite] [--output-stride 8 --scales v3 --flip] \\
+        [--crf --crf-params runs/quickstart/crf-val/crf_params.json]
 
 Inputs are image files, folders (their images) and glob patterns. For each image,
 --output-dir gets NAME.png (indexed mask in the dataset's palette), NAME_overlay.jpg
 (colours over the image, legend beside it) and, with --save-probabilities,
 NAME_probabilities.npy (float32 H x W x classes); plus legend.png and summary.json.
-Unreadable images are reported and skipped (exit code 1 if any was skipped).
+With --crf (or --crf-params FILE, e.g. tune_crf.py's output) the masks are the dense
+CRF's refinement of the network's probabilities. Unreadable images are reported and
+skipped (exit code 1 if any was skipped).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import sys
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from deeplab_tf.crf import add_crf_arguments
     from deeplab_tf.inference import add_predictor_arguments
 
     p = argparse.ArgumentParser(
@@ -35,17 +39,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="overlay",
         help="beside each overlay (and legend.png), legend.png only, or none",
     )
+    add_crf_arguments(p, workers=False)
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from deeplab_tf import prediction
+    from deeplab_tf.crf import crf_params_from_args
     from deeplab_tf.evaluation import check_output_dir
     from deeplab_tf.inference import predictor_from_args
 
     try:
         check_output_dir(args.output_dir, args.overwrite)  # fail before loading the model
+        crf_params = crf_params_from_args(args)
         predictor = predictor_from_args(args)
         spec = prediction.resolve_spec(predictor, args.dataset)
         summary = prediction.predict_files(
@@ -57,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
             save_probabilities=args.save_probabilities,
             alpha=args.alpha,
             legend=args.legend,
+            crf_params=crf_params,
+            crf_backend=args.crf_backend,
         )
     except ValueError as error:  # InferenceError and the package's argument checks
         print(f"error: {str(error).splitlines()[0]}", file=sys.stderr)

@@ -17,6 +17,8 @@ themselves are at distance 0). The boundary is
   label values.
 
 ``evaluate`` runs a split; training's final validation and ``evaluate.py`` both call it.
+With ``crf_params`` it also scores the dense-CRF refinement (``deeplab_tf.crf``) of the
+same probabilities, so one pass of the network gives the scores before and after CRF.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from deeplab_tf import visualize
+from deeplab_tf import crf, visualize
 from deeplab_tf.data import pipeline
 from deeplab_tf.data.specs import IGNORE_LABEL
 from deeplab_tf.inference import InferenceError, Predictor, Progress
@@ -158,10 +160,30 @@ class Evaluator:
 # === A dataset split ===
 
 
+def split_for(predictor: Predictor, data_dir: str | os.PathLike, split: str):
+    """(dataset spec, number of images) of a TFRecord split that ``predictor`` can score.
+
+    Raises:
+        InferenceError: no manifest or split, or the model's classes differ from the data's.
+    """
+    try:
+        spec = pipeline.dataset_spec(data_dir)
+        total = pipeline.num_examples(data_dir, split)
+    except ValueError as error:  # names the manifest or the split
+        raise InferenceError(str(error).splitlines()[0]) from None
+    if predictor.num_classes != spec.num_classes:
+        where = f"{predictor.checkpoint.path}: " if predictor.checkpoint else ""
+        raise InferenceError(
+            f"{where}the model predicts {predictor.num_classes} classes but dataset "
+            f"{spec.name!r} in {data_dir} has {spec.num_classes}"
+        )
+    return spec, total
+
+
 @dataclasses.dataclass
 class Evaluation:
     """The outcome of :func:`evaluate`: JSON-ready ``results`` and a few picture panels
-    (image | ground truth | prediction, uint8)."""
+    (image | ground truth | prediction [| prediction after CRF], uint8)."""
 
     results: dict[str, Any]
     panels: list[np.ndarray] = dataclasses.field(default_factory=list)
@@ -177,6 +199,9 @@ def evaluate(
     max_images: int | None = None,
     num_panels: int = 0,
     progress: bool = True,
+    crf_params: crf.CRFParams | None = None,
+    crf_backend: str = "auto",
+    crf_workers: int | None = None,
 ) -> Evaluation:
     """Scores ``predictor`` on every image of a TFRecord split at full label resolution.
 
@@ -190,40 +215,59 @@ def evaluate(
         max_images: evaluate only the first images (a quick look, not a score).
         num_panels: keep picture panels of the first images.
         progress: print progress lines with an ETA.
+        crf_params: also refine each image's probabilities with the dense CRF and
+            score the refined labels (``results["crf"]``: the same scores and trimap,
+            the parameters, backend and seconds); the network runs once per image.
+        crf_backend: ``deeplab_tf.crf.BACKENDS``.
+        crf_workers: images refined at once (default: the CPU count); the network's
+            probabilities of that many images are held while they are refined.
 
     Raises:
         InferenceError: the model's classes do not match the dataset's, or a bad setting.
     """
     if trimap_source not in TRIMAP_SOURCES:
         raise InferenceError(f"trimap source must be one of {list(TRIMAP_SOURCES)}")
-    try:
-        spec = pipeline.dataset_spec(data_dir)
-        total = pipeline.num_examples(data_dir, split)
-    except ValueError as error:  # names the manifest or the split
-        raise InferenceError(str(error).splitlines()[0]) from None
-    if predictor.num_classes != spec.num_classes:
-        where = f"{predictor.checkpoint.path}: " if predictor.checkpoint else ""
-        raise InferenceError(
-            f"{where}the model predicts {predictor.num_classes} classes but dataset "
-            f"{spec.name!r} in {data_dir} has {spec.num_classes}"
-        )
+    if crf_params is not None:
+        crf_backend = crf.resolve_backend(crf_backend)  # once: the log line says which
+    spec, total = split_for(predictor, data_dir, split)
     if trimap_source == "auto":
         trimap_source = "ignore" if spec.void_boundaries else "edges"
     if max_images is not None:
         total = min(total, max_images)
     evaluator = Evaluator(spec.num_classes, trimap_widths, trimap_source)
+    refiner = (
+        None
+        if crf_params is None
+        else _CRFScorer(
+            Evaluator(spec.num_classes, trimap_widths, trimap_source),
+            crf_params,
+            crf_backend,
+            crf_workers,
+        )
+    )
     colours = visualize.palette(spec)
     panels: list[np.ndarray] = []
+    requested = 0  # images whose panel is kept (with CRF, drawn once refined)
     meter = Progress(total, "images") if progress else None
     start = time.perf_counter()
     for image, label in pipeline.eval_dataset(data_dir, split).take(total):
         image, label = image[0].numpy(), label[0].numpy()
-        prediction = predictor.predict_labels(image)
+        keep_panel = requested < num_panels
+        requested += keep_panel
+        if refiner is None:
+            prediction = predictor.predict_labels(image)
+            if keep_panel:
+                panels.append(visualize.panels(image, [label, prediction], colours))
+        else:
+            probabilities = predictor.predict(image)
+            prediction = probabilities.argmax(-1)
+            refiner.add(image, probabilities, label, keep_panel)
         evaluator.update(label, prediction)
-        if len(panels) < num_panels:
-            panels.append(visualize.panels(image, [label, prediction], colours))
         if meter:
             meter.update()
+    if refiner is not None:
+        refiner.flush()
+        panels = [visualize.panels(image, maps, colours) for image, maps in refiner.panels]
     seconds = time.perf_counter() - start
     results = {
         "dataset": spec.name,
@@ -237,7 +281,60 @@ def evaluate(
         "class_names": list(spec.class_names),
         **evaluator.results(),
     }
+    if refiner is not None:
+        results["crf"] = refiner.results()
     return Evaluation(results, panels)
+
+
+class _CRFScorer:
+    """Refines images with the dense CRF a chunk at a time (``crf.refine_many`` runs a
+    chunk in parallel workers) and scores the refined labels."""
+
+    def __init__(
+        self, evaluator: Evaluator, params: crf.CRFParams, backend: str, workers: int | None
+    ):
+        self.evaluator = evaluator
+        self.params = params
+        self.backend = backend
+        self.workers = workers or os.cpu_count() or 1
+        # A few images per worker keep the workers busy without holding many images.
+        self.chunk = 4 * self.workers
+        self.pending: list[tuple[np.ndarray, np.ndarray, np.ndarray, bool]] = []
+        self.panels: list[tuple[np.ndarray, list[np.ndarray]]] = []  # (image, label maps)
+        self.seconds = 0.0
+
+    def add(self, image, probabilities, label, keep_panel: bool = False) -> None:
+        """Queues one image (float or uint8 RGB) with the network's probabilities;
+        ``keep_panel``: keep image | label | prediction | CRF prediction in ``panels``."""
+        rgb = np.clip(np.rint(image), 0, 255).astype(np.uint8)
+        self.pending.append((rgb, probabilities, label, keep_panel))
+        if len(self.pending) >= self.chunk:
+            self.flush()
+
+    def flush(self) -> None:
+        """Refines and scores the queued images."""
+        if not self.pending:
+            return
+        start = time.perf_counter()
+        images, probabilities, labels, keep = zip(*self.pending, strict=True)
+        refined = crf.refine_many(images, probabilities, self.params, self.backend, self.workers)
+        self.seconds += time.perf_counter() - start
+        for image, p, q, label, keep_panel in zip(
+            images, probabilities, refined, labels, keep, strict=True
+        ):
+            after = q.argmax(-1)
+            self.evaluator.update(label, after)
+            if keep_panel:
+                self.panels.append((image, [label, p.argmax(-1), after]))
+        self.pending = []
+
+    def results(self) -> dict[str, Any]:
+        return {
+            "params": self.params.to_dict(),
+            "backend": self.backend,
+            "seconds": round(self.seconds, 2),
+            **self.evaluator.results(),
+        }
 
 
 # === Reports ===
@@ -248,26 +345,63 @@ def _percent(value: float | None) -> str:
 
 
 def format_results(results: dict[str, Any]) -> str:
-    """Markdown tables: per-class IoU and the summary scores, then the trimap scores."""
-    lines = ["| class | IoU |", "|---|---|"]
-    for name, iou in zip(results["class_names"], results["per_class_iou"], strict=True):
-        lines.append(f"| {name} | {_percent(iou)} |")
+    """Markdown tables: per-class IoU and the summary scores, then the trimap scores;
+    with ``results["crf"]``, each score before and after the CRF side by side."""
+    after = results.get("crf")
+    if after:
+        params = ", ".join(f"{k}={v:g}" for k, v in after["params"].items())
+        lines = [
+            f"Dense CRF ({after['backend']}, {params}): scores before and after it.",
+            "",
+            "| class | IoU | IoU + CRF |",
+            "|---|---|---|",
+        ]
+    else:
+        lines = ["| class | IoU |", "|---|---|"]
+
+    def cells(before: dict[str, Any], refined: dict[str, Any] | None, key: str, i=None) -> str:
+        values = [before] if refined is None else [before, refined]
+        return " | ".join(_percent(v[key] if i is None else v[key][i]) for v in values)
+
+    for i, name in enumerate(results["class_names"]):
+        lines.append(f"| {name} | {cells(results, after, 'per_class_iou', i)} |")
     for key in SCORE_KEYS:
-        lines.append(f"| **{key}** | {_percent(results[key])} |")
+        lines.append(f"| **{key}** | {cells(results, after, key)} |")
     trimap = results.get("trimap")
     if trimap:
+        columns = [f"{k} | {k} + CRF" if after else k for k in SCORE_KEYS]
         lines += [
             "",
             f"Boundary band (trimap; {trimap['distance']} distance to the "
             f"{'ignore band' if trimap['source'] == 'ignore' else 'label edges'}):",
             "",
-            "| band width (px) | " + " | ".join(SCORE_KEYS) + " | pixels |",
-            "|---" * (len(SCORE_KEYS) + 2) + "|",
+            "| band width (px) | " + " | ".join(columns) + " | pixels |",
+            "|---" * (len(SCORE_KEYS) * (2 if after else 1) + 2) + "|",
         ]
         for width, scores in trimap["scores"].items():
-            cells = " | ".join(_percent(scores[k]) for k in SCORE_KEYS)
-            lines.append(f"| {width} | {cells} | {scores['pixels']} |")
+            refined = after["trimap"]["scores"][width] if after else None
+            row = " | ".join(cells(scores, refined, k) for k in SCORE_KEYS)
+            lines.append(f"| {width} | {row} | {scores['pixels']} |")
     return "\n".join(lines)
+
+
+def trimap_plot(results: dict[str, Any]) -> np.ndarray:
+    """trimap.png: mean IoU and pixel accuracy against band width (and after CRF)."""
+    trimap = results["trimap"]
+    widths = trimap["widths"]
+    runs = {"": trimap}
+    if results.get("crf"):
+        runs[" + CRF"] = results["crf"]["trimap"]
+    series = {}
+    for key, name in (("mean_iou", "mean IoU"), ("pixel_accuracy", "pixel accuracy")):
+        for suffix, run in runs.items():
+            scores = [run["scores"][f"{w:g}"][key] for w in widths]
+            series[name + suffix] = [100 * (v or 0.0) for v in scores]
+    source = "ignore band" if trimap["source"] == "ignore" else "label edges"
+    return visualize.line_plot(
+        widths, series, f"Scores within a band around boundaries ({source})",
+        "band width (pixels)", "%",
+    )  # fmt: skip
 
 
 def replace_dir(tmp: Path, output_dir: Path) -> None:
@@ -301,33 +435,22 @@ def write_report(
     evaluation: Evaluation, output_dir: str | os.PathLike, overwrite: bool = False
 ) -> Path:
     """Writes results.json, results.md, confusion_matrix.png, trimap.png (with trimap
-    scores) and panels/*.png into ``output_dir``, all at once (temporary dir + rename)."""
+    scores) and panels/*.png into ``output_dir``, all at once (temporary dir + rename);
+    with CRF scores also confusion_matrix_crf.png, and trimap.png shows both."""
     output_dir = check_output_dir(output_dir, overwrite)
     results = evaluation.results
     tmp = temporary_dir(output_dir)
     try:
         (tmp / "results.json").write_text(json.dumps(results, indent=2) + "\n")
         (tmp / "results.md").write_text(format_results(results) + "\n")
-        visualize.save_png(
-            visualize.confusion_matrix_image(
-                np.array(results["confusion_matrix"]), results["class_names"]
-            ),
-            tmp / "confusion_matrix.png",
-        )
-        trimap = results.get("trimap")
-        if trimap:
-            widths = trimap["widths"]
-            scores = [trimap["scores"][f"{w:g}"] for w in widths]
-            series = {
-                "mean IoU": [100 * (s["mean_iou"] or 0.0) for s in scores],
-                "pixel accuracy": [100 * (s["pixel_accuracy"] or 0.0) for s in scores],
-            }
-            source = "ignore band" if trimap["source"] == "ignore" else "label edges"
-            plot = visualize.line_plot(
-                widths, series, f"Scores within a band around boundaries ({source})",
-                "band width (pixels)", "%",
-            )  # fmt: skip
-            visualize.save_png(plot, tmp / "trimap.png")
+        matrices = {"confusion_matrix.png": results["confusion_matrix"]}
+        if results.get("crf"):
+            matrices["confusion_matrix_crf.png"] = results["crf"]["confusion_matrix"]
+        for name, matrix in matrices.items():
+            image = visualize.confusion_matrix_image(np.array(matrix), results["class_names"])
+            visualize.save_png(image, tmp / name)
+        if results.get("trimap"):
+            visualize.save_png(trimap_plot(results), tmp / "trimap.png")
         if evaluation.panels:
             (tmp / "panels").mkdir()
             for i, panel in enumerate(evaluation.panels):

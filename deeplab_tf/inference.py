@@ -135,6 +135,14 @@ def read_checkpoint_info(path: str | os.PathLike, flag: str = "--checkpoint") ->
     )
 
 
+def data_dir_of(checkpoint: CheckpointInfo, data_dir: str | os.PathLike | None) -> str:
+    """``data_dir`` (``--data-dir``), else the TFRecords the checkpoint was trained on."""
+    data_dir = data_dir or checkpoint.data_dir
+    if data_dir is None:
+        raise InferenceError(f"--data-dir is required: {checkpoint.path} names no data")
+    return str(data_dir)
+
+
 def load_checkpoint(path: str | os.PathLike, flag: str = "--checkpoint") -> keras.Model:
     """The model saved in a ``.keras`` file (or a model directory's best/last one)."""
     checkpoint = resolve_checkpoint(path, flag)

@@ -9,7 +9,10 @@ For each readable image (files, folders, glob patterns) the output directory get
                              band by band through a memory map
 
 plus ``legend.png`` (every class) and ``summary.json`` (settings, outputs, skipped
-inputs). Everything is written into a temporary directory renamed at the end, so an
+inputs). With ``crf_params`` the masks are the dense CRF's refinement of the network's
+probabilities (``deeplab_tf.crf.refine``; the saved probabilities are then the refined
+ones, and each image's probabilities are held whole in memory while it is refined).
+Everything is written into a temporary directory renamed at the end, so an
 interrupted run leaves no half-filled output; an existing directory is replaced only
 with ``overwrite``. Unreadable images are reported and skipped.
 """
@@ -29,7 +32,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
-from deeplab_tf import visualize
+from deeplab_tf import crf, visualize
 from deeplab_tf.data import pipeline
 from deeplab_tf.data.specs import DatasetSpec, get_spec
 from deeplab_tf.evaluation import check_output_dir, replace_dir, temporary_dir
@@ -108,6 +111,8 @@ def predict_files(
     alpha: float = 0.5,
     legend: str = "overlay",
     stream=None,
+    crf_params: crf.CRFParams | None = None,
+    crf_backend: str = "auto",
 ) -> dict[str, Any]:
     """Predicts every image of ``inputs`` into ``output_dir`` (see the module docstring).
 
@@ -121,6 +126,8 @@ def predict_files(
         legend: ``"overlay"`` (beside each overlay, and legend.png), ``"file"``
             (legend.png only) or ``"none"``.
         stream: where progress and skipped inputs are reported (stderr for skips).
+        crf_params: refine each image's probabilities with the dense CRF (None: no CRF).
+        crf_backend: ``deeplab_tf.crf.BACKENDS``.
 
     Returns:
         The summary also written as ``summary.json``.
@@ -153,6 +160,8 @@ def predict_files(
         raise InferenceError(f"no images to predict ({reasons})")
     for text, reason in skipped:
         print(f"skipped {text}: {reason}", file=sys.stderr, flush=True)
+    if crf_params is not None:
+        crf_backend = crf.resolve_backend(crf_backend)  # once: the log line says which
 
     class_names = (
         list(spec.class_names) if spec else [f"class {i}" for i in range(predictor.num_classes)]
@@ -183,7 +192,13 @@ def predict_files(
                     dtype=np.float32,
                     shape=(*image.shape[:2], predictor.num_classes),
                 )
-            labels = predictor.predict_labels(image, probabilities_out=probabilities)
+            if crf_params is None:
+                labels = predictor.predict_labels(image, probabilities_out=probabilities)
+            else:
+                refined = crf.refine(image, predictor.predict(image), crf_params, crf_backend)
+                labels = refined.argmax(-1).astype(np.uint8)
+                if probabilities is not None:
+                    probabilities[:] = refined
             if probabilities is not None:
                 probabilities.flush()
                 del probabilities
@@ -218,6 +233,9 @@ def predict_files(
             "checkpoint": str(predictor.checkpoint.path) if predictor.checkpoint else None,
             "dataset": spec.name if spec else None,
             "inference": predictor.settings(),
+            "crf": None
+            if crf_params is None
+            else {"params": crf_params.to_dict(), "backend": crf_backend},
             "class_names": class_names,
             "images": written,
             "skipped": [{"input": text, "reason": reason} for text, reason in skipped],

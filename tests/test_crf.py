@@ -256,7 +256,7 @@ def test_search_finds_the_known_best_parameters():
         progress=lambda done, total: ticks.append((done, total)),
     )
     assert result.best == crf.CRFParams(w1=5, sa=50, sb=3)
-    assert ticks[-1] == (16, 16)
+    assert ticks[0] == (0, 16) and ticks[-1] == (16, 16)
     assert len(result.rows) == 8
     assert [r["mean_iou"] for r in result.rows] == sorted(
         (r["mean_iou"] for r in result.rows), reverse=True
