@@ -199,6 +199,7 @@ TWO_DEVICE_FIRST_STEP = textwrap.dedent(
     recipe = dataclasses.replace(get_recipe("shapes-cpu"), batch_size=4)
     rng = np.random.default_rng(0)
     x = rng.uniform(0, 255, (4, 33, 33, 3)).astype("float32")
+    x[2:] *= 0.25  # the second replica's half is darker: its own batch statistics differ
     y = rng.integers(0, 3, (4, 33, 33)).astype("int32")
     y[1, :10] = 255
     data = tf.data.Dataset.from_tensors((x, y))
