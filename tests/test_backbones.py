@@ -13,27 +13,9 @@ from deeplab_tf.backbones import (
     transfer_weights,
 )
 from deeplab_tf.backbones.output_stride import stage_strides
-from tests.helpers import assert_close_relative
+from tests.helpers import assert_close_relative, calibrate_batch_norm
 
 rng = np.random.default_rng(0)
-
-
-def _calibrate_batch_norm(model: keras.Model) -> None:
-    """Random affine parameters and moving statistics taken from one batch, so each
-    layer passes on unit-variance, spatially varying activations (with the default
-    statistics a deep net's output is nearly constant over space, and a wrong
-    alignment would hide in it)."""
-    batch_norms = [
-        layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)
-    ]
-    for layer in batch_norms:
-        c = layer.gamma.shape[0]
-        layer.gamma.assign(rng.uniform(0.8, 1.2, c).astype("float32"))
-        layer.beta.assign(rng.normal(0, 0.1, c).astype("float32"))
-        layer.momentum = 0.0
-    model(rng.uniform(0, 255, size=(2, 64, 64, 3)).astype("float32"), training=True)
-    for layer in batch_norms:
-        layer.momentum = 0.99
 
 
 class TestOutputStrideConsistency:
@@ -51,7 +33,7 @@ class TestOutputStrideConsistency:
     )
     def test_finer_stride_subsampled_equals_coarser(self, arch, kwargs):
         models = {os_: build_backbone(arch, output_stride=os_, **kwargs) for os_ in OUTPUT_STRIDES}
-        _calibrate_batch_norm(models[8])
+        calibrate_batch_norm(models[8])
         for os_ in (16, 32):
             models[os_].set_weights(models[8].get_weights())
         # odd and non-square: the sizes where alignment mistakes show
@@ -65,7 +47,7 @@ class TestOutputStrideConsistency:
 class TestResNet:
     def test_os32_reproduces_keras_applications_resnet101(self):
         reference = keras.applications.ResNet101(weights=None, include_top=False)
-        _calibrate_batch_norm(reference)
+        calibrate_batch_norm(reference)
         ours = build_backbone("resnet101", output_stride=32)
         report = transfer_weights(reference, ours)
         assert report.missing == [] and report.unused == []
@@ -147,7 +129,7 @@ class TestWeights:
     def test_weights_file_round_trip(self, tmp_path):
         """A keras.applications weights file fills the backbone by layer name."""
         source = keras.applications.ResNet50(weights=None, include_top=False)
-        _calibrate_batch_norm(source)
+        calibrate_batch_norm(source)
         path = tmp_path / "resnet50_notop.weights.h5"
         source.save_weights(path)
         ours = build_backbone("resnet50", output_stride=16, weights=str(path))
