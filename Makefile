@@ -12,8 +12,8 @@ $(VENV)/.installed: requirements.txt
 	touch $@
 
 quickstart: $(VENV)/.installed
-	$(PY) train.py --variant deeplabv3-mobilenetv2-cpu --class-weights inverse_sqrt \
-		--model-dir runs/quickstart --overwrite --log-every 200
+	$(PY) train.py --variant deeplabv3-resnet10-cpu \
+		--model-dir runs/quickstart --overwrite --log-every 300
 	$(PY) predict.py --checkpoint runs/quickstart --output-dir runs/quickstart/predictions \
 		--overwrite 'data/shapes/raw/JPEGImages/val_0000[0-5].jpg'
 	@echo "Overlays of 6 val images: runs/quickstart/predictions/*_overlay.jpg (masks: *.png)"

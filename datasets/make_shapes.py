@@ -5,7 +5,7 @@ Usage:
         --tfrecord-dir data/shapes/tfrecord
 
 Writes JPEGImages/, palette SegmentationClass/ PNGs and ImageSets/Segmentation/
-{train,val}.txt, deterministically from ``--seed``, in a few seconds (see
+{train,val}.txt, deterministically from ``--seed``, in about half a minute (see
 deeplab_tf/data/shapes.py for what the images contain). Exit code 2 on bad input.
 """
 

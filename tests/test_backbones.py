@@ -43,6 +43,50 @@ class TestOutputStrideConsistency:
             assert features[fine].shape[1:3] == (-(-97 // fine), -(-75 // fine))
             assert_close_relative(features[fine][:, ::2, ::2], features[coarse], rtol=1e-4)
 
+    def test_resnet10_cpu_os8_subsampled_equals_os16(self):
+        """resnet10_cpu reaches stride 16 at most; its strided 3x3 pads symmetrically."""
+        models = {os_: build_backbone("resnet10_cpu", output_stride=os_) for os_ in (8, 16)}
+        calibrate_batch_norm(models[8])
+        models[16].set_weights(models[8].get_weights())
+        x = rng.uniform(0, 255, size=(2, 97, 75, 3)).astype("float32")
+        fine, coarse = (np.asarray(models[os_](x, training=False)) for os_ in (8, 16))
+        assert fine.shape[1:3] == (13, 10) and coarse.shape[1:3] == (7, 5)
+        assert_close_relative(fine[:, ::2, ::2], coarse, rtol=1e-4)
+
+
+class TestResNet10CPU:
+    def test_layout(self):
+        """One basic unit per stage: two 3x3 convolutions, the first holding the stride
+        (or, past the output stride, the rate of the grid it reads)."""
+        model = build_backbone("resnet10_cpu", output_stride=8)
+        convs = [layer for layer in model.layers if layer.name.endswith("_conv")]
+        # stem, 2 per unit, projections where the width or the nominal stride changes
+        assert len(convs) == 1 + 4 * 2 + 3
+        assert [info.channels for info in model.feature_info] == [32, 32, 64, 128, 128]
+        assert [info.reduction for info in model.feature_info] == [2, 2, 4, 8, 8]
+        assert model.get_layer("conv5_block1_1_conv").rate == 1  # reads the stride-8 grid
+        assert model.get_layer("conv5_block1_2_conv").rate == 2
+        os16 = build_backbone("resnet10_cpu", output_stride=16)
+        assert os16.get_layer("conv5_block1_1_conv").strides == (2, 2)
+        assert os16.count_params() == model.count_params()
+
+    def test_no_imagenet_weights_but_a_keras_file_fills_it(self, tmp_path):
+        with pytest.raises(
+            WeightsUnavailableError, match=r"resnet10_cpu has no keras\.applications"
+        ):
+            build_backbone("resnet10_cpu", weights="imagenet")
+        source = build_backbone("resnet10_cpu")
+        calibrate_batch_norm(source)
+        path = tmp_path / "resnet10.keras"
+        source.save(path)
+        ours = build_backbone("resnet10_cpu", output_stride=16, weights=str(path))
+        for a, b in zip(ours.get_weights(), source.get_weights(), strict=True):
+            np.testing.assert_array_equal(a, b)
+
+    def test_output_stride_32_is_refused(self):
+        with pytest.raises(ValueError, match=r"resnet10_cpu supports output_stride \[8, 16\]"):
+            build_backbone("resnet10_cpu", output_stride=32)
+
 
 class TestResNet:
     def test_os32_reproduces_keras_applications_resnet101(self):

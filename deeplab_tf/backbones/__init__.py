@@ -1,5 +1,5 @@
-"""Backbones: ResNet-50/101 and MobileNetV2 with output-stride control; VGG-16 (v1/v2,
-Yu-Koltun)."""
+"""Backbones: ResNet-50/101, MobileNetV2 and the small resnet10_cpu with output-stride
+control; VGG-16 (v1/v2, Yu-Koltun)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import keras
 from deeplab_tf.backbones.features import FeatureInfo, feature_extractor
 from deeplab_tf.backbones.mobilenet_v2 import build_mobilenet_v2
 from deeplab_tf.backbones.output_stride import OUTPUT_STRIDES, check_output_stride
-from deeplab_tf.backbones.resnet import RESNET_UNITS, build_resnet
+from deeplab_tf.backbones.resnet import RESNET_UNITS, build_resnet, build_resnet10_cpu
 from deeplab_tf.backbones.vgg import VGG_BACKBONES, build_vgg16, build_vgg16_frontend
 from deeplab_tf.backbones.weights import (
     TransferReport,
@@ -20,7 +20,7 @@ from deeplab_tf.backbones.weights import (
     weights_source,
 )
 
-BACKBONES = (*RESNET_UNITS, "mobilenetv2", *VGG_BACKBONES)
+BACKBONES = (*RESNET_UNITS, "mobilenetv2", "resnet10_cpu", *VGG_BACKBONES)
 
 
 def build_backbone(
@@ -40,9 +40,10 @@ def build_backbone(
 
     ``multi_grid``, ``cascade_blocks`` and ``implementation`` apply to ResNets,
     ``alpha`` to MobileNetV2, ``msc_taps`` to ``vgg16``; see ``build_resnet``,
-    ``build_mobilenet_v2``, ``build_vgg16`` and ``build_vgg16_frontend`` (VGG-16:
-    ``implementation`` too). ``weights`` is as in ``load_backbone_weights``; for VGG
-    it fills the convolutions (``vgg.load_vgg16_weights`` also fills fc6/fc7).
+    ``build_mobilenet_v2``, ``build_resnet10_cpu``, ``build_vgg16`` and
+    ``build_vgg16_frontend`` (resnet10_cpu and VGG-16: ``implementation`` too).
+    ``weights`` is as in ``load_backbone_weights``; for VGG it fills the convolutions
+    (``vgg.load_vgg16_weights`` also fills fc6/fc7).
     """
     if arch not in BACKBONES:
         raise ValueError(f"backbone must be one of {list(BACKBONES)}, got {arch!r}")
@@ -65,6 +66,14 @@ def build_backbone(
         model = build_mobilenet_v2(
             alpha=alpha,
             output_stride=output_stride,
+            bn_momentum=bn_momentum,
+            sync_batchnorm=sync_batchnorm,
+            input_shape=input_shape,
+        )
+    elif arch == "resnet10_cpu":
+        model = build_resnet10_cpu(
+            output_stride=output_stride,
+            implementation=implementation,
             bn_momentum=bn_momentum,
             sync_batchnorm=sync_batchnorm,
             input_shape=input_shape,

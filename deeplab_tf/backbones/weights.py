@@ -8,6 +8,9 @@ from dataclasses import dataclass, field
 
 import keras
 
+# Backbones of ours that no keras.applications model mirrors (no ImageNet weights).
+NO_KERAS_APPLICATION = ("resnet10_cpu",)
+
 logger = logging.getLogger(__name__)
 
 
@@ -110,6 +113,12 @@ def weights_source(
     if weights is None:
         return None
     top = "with-top" if arch.startswith("vgg16") else "'notop'"
+    path = os.fspath(weights)
+    if arch in NO_KERAS_APPLICATION and not path.endswith(".keras"):
+        raise WeightsUnavailableError(
+            f"{arch} has no keras.applications ImageNet weights: train it from scratch "
+            f"(backbone_weights None) or pass a .keras model with its layer names, got {path}"
+        )
     if weights == "imagenet":
         try:
             return keras_application(arch, "imagenet", alpha)
@@ -119,7 +128,6 @@ def weights_source(
                 f"({error}); on a machine without internet, copy the keras.applications "
                 f"{top} weights file here and pass its path as backbone_weights"
             ) from error
-    path = os.fspath(weights)
     if not os.path.isfile(path):
         raise WeightsUnavailableError(f"backbone_weights file not found: {path}")
     if path.endswith(".keras"):
