@@ -129,10 +129,12 @@ def tiny_variant():
     )
 
 
-def calibrate_batch_norm(model: keras.Model, seed: int = 0, size: int = 64) -> keras.Model:
-    """Random BN affine parameters and moving statistics from one random batch, in every
-    nested layer: with the initial statistics a deep net's logits are nearly constant
-    (about 1e-10), which would hide any spatial or stride error."""
+def calibrate_batch_norm(
+    model: keras.Model, seed: int = 0, size: int = 64, images: np.ndarray | None = None
+) -> keras.Model:
+    """Random BN affine parameters and moving statistics from one random batch (or from
+    ``images``), in every nested layer: with the initial statistics a deep net's logits
+    are nearly constant (about 1e-10), which would hide any spatial or stride error."""
     rng = np.random.default_rng(seed)
     batch_norms = [
         layer
@@ -144,24 +146,31 @@ def calibrate_batch_norm(model: keras.Model, seed: int = 0, size: int = 64) -> k
         layer.gamma.assign(rng.uniform(0.8, 1.2, c).astype("float32"))
         layer.beta.assign(rng.normal(0, 0.1, c).astype("float32"))
         layer.momentum = 0.0
-    model(rng.uniform(0, 255, size=(2, size, size, 3)).astype("float32"), training=True)
+    if images is None:
+        images = rng.uniform(0, 255, size=(2, size, size, 3))
+    model(np.asarray(images, "float32"), training=True)
     for layer in batch_norms:
         layer.momentum = 0.99
     return model
 
 
-def tiny_model(num_classes: int, output_stride: int = 16, seed: int = 0) -> keras.Model:
+def tiny_model(
+    num_classes: int, output_stride: int = 16, seed: int = 0, images: np.ndarray | None = None
+) -> keras.Model:
     """``tiny_variant()`` with calibrated batch norm and a classifier rescaled so that on
-    random images its logits have mean 0 and standard deviation about 2 per class:
-    probabilities neither uniform nor saturated, varying over the image."""
+    random images (or on ``images``, whose statistics then set the batch norm) its
+    logits have mean 0 and standard deviation about 2 per class: probabilities neither
+    uniform nor saturated, varying over the image."""
     from deeplab_tf import build_model
 
     keras.utils.set_random_seed(seed)
     model = build_model(tiny_variant(), num_classes, output_stride=output_stride)
-    calibrate_batch_norm(model, seed)
+    calibrate_batch_norm(model, seed, images=images)
     classifier = model.get_layer("logits")
     head = keras.Model(model.inputs, classifier.output)
     x = np.random.default_rng(seed + 1).uniform(0, 255, (2, 64, 64, 3)).astype("float32")
+    if images is not None:
+        x = np.asarray(images, "float32")
     logits = np.asarray(head(x, training=False)).reshape(-1, num_classes)
     kernel, bias = classifier.get_weights()
     scale = 2.0 / logits.std(axis=0).mean()

@@ -36,8 +36,8 @@ from deeplab_tf.data.specs import IGNORE_LABEL, SPECS
 
 SPEC = SPECS["shapes"]
 PARAMS_FILE = "shapes.json"
-# 8000 training images: with 400, a model trained for the quickstart's 3600 steps
-# fitted the training images (train mIoU 0.63 against 0.31 on val after 900 steps).
+# 8000 training images: with 400, a quickstart-sized model fitted them (train mIoU
+# 0.63 against 0.31 on val after 900 steps), and the quickstart takes 2700.
 DEFAULTS = {"num_train": 8000, "num_val": 100, "image_size": 96, "seed": 0}
 # Written with the parameters: a tree made by an older design is regenerated.
 # 2: no stripe/checker textures, objects from 16 px (1: 400 images, from 10 px).
@@ -218,7 +218,8 @@ def ensure_shapes_tfrecords(root: str | Path, **params: Any) -> Path:
     they are missing or were made with other ``params`` (see :func:`generate_shapes`)
     or another ``GENERATOR_VERSION``.
 
-    ``root/raw`` keeps the VOC-layout tree. Takes a few seconds the first time.
+    ``root/raw`` keeps the VOC-layout tree. Takes about a minute the first time with
+    the defaults.
     """
     unknown = sorted(set(params) - set(DEFAULTS))
     if unknown:
