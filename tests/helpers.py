@@ -168,9 +168,9 @@ def tiny_model(
     calibrate_batch_norm(model, seed, images=images)
     classifier = model.get_layer("logits")
     head = keras.Model(model.inputs, classifier.output)
-    x = np.random.default_rng(seed + 1).uniform(0, 255, (2, 64, 64, 3)).astype("float32")
-    if images is not None:
-        x = np.asarray(images, "float32")
+    if images is None:
+        images = np.random.default_rng(seed + 1).uniform(0, 255, (2, 64, 64, 3))
+    x = np.asarray(images, "float32")
     logits = np.asarray(head(x, training=False)).reshape(-1, num_classes)
     kernel, bias = classifier.get_weights()
     scale = 2.0 / logits.std(axis=0).mean()

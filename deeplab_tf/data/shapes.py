@@ -54,13 +54,13 @@ def _texture(rng: np.random.Generator, size: int) -> np.ndarray:
     """A random RGB texture [size, size, 3] (float, 0..255): two random colours in a pattern."""
     kind = rng.choice(TEXTURES)
     c1, c2 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
-    y, x = np.mgrid[0:size, 0:size].astype(np.float32)
     if kind == "solid":
         t = np.zeros((size, size, 1), np.float32)
     elif kind == "noise":
         t = np.clip(rng.normal(0.5, 0.25, (size, size, 1)), 0, 1)
-    else:
+    else:  # gradient
         angle = rng.uniform(0, 2 * np.pi)
+        y, x = np.mgrid[0:size, 0:size].astype(np.float32)
         t = (x * np.cos(angle) + y * np.sin(angle)) / size
         t = ((t - t.min()) / max(float(np.ptp(t)), 1e-6))[..., None]
     return (1 - t) * c1 + t * c2
