@@ -9,9 +9,13 @@ from __future__ import annotations
 import argparse
 import sys
 
+from deeplab_tf import console
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], epilog=console.VERBOSE_HELP
+    )
     parser.add_argument("--list", action="store_true", help="list the variants and exit")
     parser.add_argument("--variant", default="deeplabv3", help="a name from --list")
     parser.add_argument("--num-classes", type=int, default=21)
@@ -44,4 +48,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console.run(main))

@@ -20,13 +20,17 @@ from __future__ import annotations
 import argparse
 import sys
 
+from deeplab_tf import console
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from deeplab_tf.crf import add_crf_arguments
     from deeplab_tf.inference import add_predictor_arguments
 
     p = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__.splitlines()[0],
+        epilog=console.VERBOSE_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_predictor_arguments(p)
     p.add_argument("--data-dir", help="TFRecords (default: the checkpoint's training data)")
@@ -93,4 +97,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console.run(main))

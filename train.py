@@ -19,10 +19,14 @@ from __future__ import annotations
 import argparse
 import sys
 
+from deeplab_tf import console
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__.splitlines()[0],
+        epilog=console.VERBOSE_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--variant", default="deeplabv3", help="a name from describe.py --list")
     p.add_argument("--recipe", help="training protocol (default: the variant's, or shapes-cpu)")
@@ -139,4 +143,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console.run(main))

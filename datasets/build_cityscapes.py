@@ -23,13 +23,16 @@ from pathlib import Path
 # Run as a script from anywhere: make the repository root importable.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from deeplab_tf import console
 from deeplab_tf.data.build import add_common_args, build_split, run_cli
 from deeplab_tf.data.sources import CITYSCAPES_EXPECTED_COUNTS, CITYSCAPES_SPLITS, cityscapes_pairs
 from deeplab_tf.data.specs import SPECS
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], epilog=console.VERBOSE_HELP
+    )
     parser.add_argument("--cityscapes-root", required=True, type=Path)
     parser.add_argument("--splits", nargs="+", default=["train", "val"], choices=CITYSCAPES_SPLITS)
     parser.add_argument("--coarse", action="store_true", help="use gtCoarse annotations")
@@ -58,4 +61,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console.run(main))

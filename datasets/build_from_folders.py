@@ -24,13 +24,16 @@ from pathlib import Path
 # Run as a script from anywhere: make the repository root importable.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from deeplab_tf import console
 from deeplab_tf.data.build import MASK_FORMATS, add_common_args, build_split, run_cli
 from deeplab_tf.data.sources import folder_pairs
 from deeplab_tf.data.specs import get_spec
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], epilog=console.VERBOSE_HELP
+    )
     parser.add_argument("--dataset", required=True, help="registered name or .json/.yaml file")
     parser.add_argument("--images", required=True, type=Path, help="images directory")
     parser.add_argument("--masks", required=True, type=Path, help="masks directory")
@@ -61,4 +64,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console.run(main))

@@ -21,13 +21,16 @@ from pathlib import Path
 # Run as a script from anywhere: make the repository root importable.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from deeplab_tf import console
 from deeplab_tf.data.build import add_common_args, build_split, run_cli
 from deeplab_tf.data.sources import VOC_EXPECTED_COUNTS, VOC_SPLITS, voc2012_pairs
 from deeplab_tf.data.specs import SPECS
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], epilog=console.VERBOSE_HELP
+    )
     parser.add_argument("--voc-root", required=True, type=Path, help="VOCdevkit/VOC2012")
     parser.add_argument("--sbd-root", type=Path, help="SBD benchmark_RELEASE/dataset")
     parser.add_argument("--splits", nargs="+", default=["train", "val"], choices=VOC_SPLITS)
@@ -53,4 +56,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console.run(main))

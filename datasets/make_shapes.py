@@ -20,12 +20,15 @@ from pathlib import Path
 # Run as a script from anywhere: make the repository root importable.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from deeplab_tf import console
 from deeplab_tf.data import shapes
 from deeplab_tf.data.build import BadInputError, run_cli
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], epilog=console.VERBOSE_HELP
+    )
     parser.add_argument("--output-dir", required=True, type=Path, help="VOC-layout tree")
     parser.add_argument("--tfrecord-dir", type=Path, help="also build TFRecords here")
     parser.add_argument("--num-train", type=int, default=shapes.DEFAULTS["num_train"])
@@ -54,4 +57,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console.run(main))

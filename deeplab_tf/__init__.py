@@ -4,6 +4,11 @@ Importing the package registers its layers, loss, metric, optimizer and
 schedules, so ``keras.models.load_model`` can read the ``.keras`` files it writes.
 """
 
+from deeplab_tf import console
+
+with console.quiet_stderr():  # TensorFlow's import-time log lines (console.py)
+    import tensorflow  # noqa: F401
+
 from deeplab_tf import layers, losses, metrics, schedules
 from deeplab_tf.model import DEFAULT_ATROUS_IMPLEMENTATION, build_model
 from deeplab_tf.variants import VARIANTS, Variant, get_variant

@@ -50,6 +50,7 @@ import numpy as np
 import tensorflow as tf
 
 from deeplab_tf.data.specs import IGNORE_LABEL
+from deeplab_tf.files import write_json_atomic
 from deeplab_tf.metrics import confusion_matrix_scores
 
 logger = logging.getLogger(__name__)
@@ -125,7 +126,7 @@ class CRFParams:
 
     def save(self, path: str | Path) -> None:
         """Writes the parameters as JSON (atomically)."""
-        _write_json_atomic(path, self.to_dict())
+        write_json_atomic(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> CRFParams:
@@ -143,13 +144,6 @@ class CRFParams:
             return cls.from_dict(data)
         except (TypeError, ValueError) as e:
             raise ValueError(f"{path}: {e}") from None
-
-
-def _write_json_atomic(path: str | Path, data: Any) -> None:
-    # Imported here: training imports evaluation, which imports this module.
-    from deeplab_tf.training import write_json_atomic
-
-    write_json_atomic(path, data)
 
 
 # === Input checks and backend choice ===
@@ -722,7 +716,7 @@ class SearchResult:
 def write_search_result(path: str | Path, result: SearchResult, **context: Any) -> None:
     """Writes ``result.to_dict()`` (and ``context``: where the data came from) as JSON
     atomically; ``CRFParams.load`` and so ``--crf-params`` read the file."""
-    _write_json_atomic(path, {**result.to_dict(), **context})
+    write_json_atomic(path, {**result.to_dict(), **context})
 
 
 def format_results_table(result: SearchResult, top: int = 10) -> str:

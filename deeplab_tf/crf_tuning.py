@@ -32,6 +32,7 @@ import numpy as np
 from deeplab_tf import crf
 from deeplab_tf.data import pipeline
 from deeplab_tf.evaluation import split_for
+from deeplab_tf.files import atomic_file, write_text_atomic
 from deeplab_tf.inference import InferenceError, Predictor, Progress
 
 CACHE_FILE = "probabilities.npz"
@@ -118,15 +119,8 @@ def _write_cache(path: Path, key: str, data: list[tuple[np.ndarray, ...]]) -> No
     for i, (image, probabilities, label) in enumerate(data):
         arrays[f"image_{i}"], arrays[f"label_{i}"] = image, label
         arrays[f"probabilities_{i}"] = probabilities
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:  # a file object: numpy adds no second suffix
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_file(path, "wb") as f:  # a file object: numpy adds no second suffix
+        np.savez(f, **arrays)
 
 
 def cached_probabilities(
@@ -259,12 +253,6 @@ def tune_crf(
         "rounds": rounds,
     }
     crf.write_search_result(output_dir / PARAMS_FILE, result, **context)
-    _write_text_atomic(output_dir / TABLE_FILE, f"```\n{table}\n```\n")
+    write_text_atomic(output_dir / TABLE_FILE, f"```\n{table}\n```\n")
     print(table, file=stream, flush=True)
     return result
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)

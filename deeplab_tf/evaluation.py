@@ -28,7 +28,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,6 +39,7 @@ from scipy import ndimage
 from deeplab_tf import crf, visualize
 from deeplab_tf.data import pipeline
 from deeplab_tf.data.specs import IGNORE_LABEL
+from deeplab_tf.files import replace_dir, temporary_dir
 from deeplab_tf.inference import InferenceError, Predictor, Progress
 from deeplab_tf.metrics import MeanIoU
 
@@ -404,17 +404,6 @@ def trimap_plot(results: dict[str, Any]) -> np.ndarray:
     )  # fmt: skip
 
 
-def replace_dir(tmp: Path, output_dir: Path) -> None:
-    """Moves the finished ``tmp`` to ``output_dir``, replacing an old one only then."""
-    if output_dir.exists():
-        old = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")
-        os.replace(output_dir, old)
-        os.replace(tmp, output_dir)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, output_dir)
-
-
 def check_output_dir(output_dir: str | os.PathLike, overwrite: bool) -> Path:
     """``output_dir`` as a Path; an existing one without ``overwrite`` is an error."""
     output_dir = Path(output_dir)
@@ -423,12 +412,6 @@ def check_output_dir(output_dir: str | os.PathLike, overwrite: bool) -> Path:
     if output_dir.exists() and not output_dir.is_dir():
         raise InferenceError(f"--output-dir {output_dir} is not a directory")
     return output_dir
-
-
-def temporary_dir(output_dir: Path) -> Path:
-    """A new empty directory beside ``output_dir``, renamed onto it when complete."""
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
 
 
 def write_report(

@@ -66,11 +66,11 @@ import tensorflow as tf
 
 from deeplab_tf.data import pipeline, tfrecord
 from deeplab_tf.data.specs import IGNORE_LABEL, DatasetSpec
-from deeplab_tf.evaluation import evaluate, replace_dir, temporary_dir
+from deeplab_tf.evaluation import evaluate
+from deeplab_tf.files import replace_dir, temporary_dir, write_json_atomic
 from deeplab_tf.inference import InferenceError, Predictor
 from deeplab_tf.layers import ResizeBilinear, resize_bilinear_aligned
 from deeplab_tf.losses import resize_logits_bilinear
-from deeplab_tf.training import write_json_atomic
 
 FORMATS = ("savedmodel", "tflite", "keras")
 QUANTIZATIONS = ("none", "float16", "int8")

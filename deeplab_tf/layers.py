@@ -82,8 +82,18 @@ def native_dilated_backprop_available() -> bool:
 
     oneDNN (on by default on x86 CPUs) and GPUs do; the plain Eigen CPU kernels
     (``TF_ENABLE_ONEDNN_OPTS=0``) raise "Current CPU implementations do not yet
-    support dilation rates larger than 1" in the backward pass.
+    support dilation rates larger than 1" in the backward pass. Asked of the build
+    rather than by running the op: a failing op logs an error line through
+    TensorFlow's C++ logging, which a user reads as a crash.
     """
+    try:
+        from tensorflow.python.util import _pywrap_util_port
+    except ImportError:  # a TensorFlow without this module: run the op itself
+        return _dilated_backprop_runs()
+    return bool(_pywrap_util_port.IsMklEnabled()) or bool(tf.config.list_physical_devices("GPU"))
+
+
+def _dilated_backprop_runs() -> bool:
     # Run the two backward ops themselves: init_scope (eager, even when called
     # while tracing a graph) pauses gradient tapes.
     with tf.init_scope():

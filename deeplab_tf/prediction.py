@@ -35,7 +35,8 @@ from PIL import Image, ImageOps
 from deeplab_tf import crf, visualize
 from deeplab_tf.data import pipeline
 from deeplab_tf.data.specs import DatasetSpec, get_spec
-from deeplab_tf.evaluation import check_output_dir, replace_dir, temporary_dir
+from deeplab_tf.evaluation import check_output_dir
+from deeplab_tf.files import replace_dir, temporary_dir
 from deeplab_tf.inference import InferenceError, Predictor
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")

@@ -43,6 +43,7 @@ from deeplab_tf.data.shapes import ensure_shapes_tfrecords
 from deeplab_tf.data.specs import DatasetSpec, get_spec
 from deeplab_tf.data.tfrecord import read_manifest
 from deeplab_tf.evaluation import SCORE_KEYS, evaluate, format_results
+from deeplab_tf.files import save_model_atomic, write_json_atomic
 from deeplab_tf.inference import Predictor, resolve_checkpoint
 from deeplab_tf.keras_patches import patch_keras_for_distribution
 from deeplab_tf.losses import (
@@ -190,24 +191,6 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
 
 
 # === Files ===
-
-
-def write_json_atomic(path: str | Path, data: Any) -> None:
-    """Writes ``data`` as JSON to ``path`` through a temporary file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
-        json.dump(data, f, indent=2, default=str)
-        tmp = f.name
-    os.replace(tmp, path)
-
-
-def save_model_atomic(model: keras.Model, path: str | Path) -> None:
-    """``model.save(path)`` through a temporary ``.keras`` file and a rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp.keras")
-    model.save(tmp)
-    os.replace(tmp, path)
 
 
 def load_init_checkpoint(

@@ -184,8 +184,9 @@ def write_model_dir(
     """A model directory as training leaves it: best.keras and config.json."""
     import dataclasses
 
+    from deeplab_tf.files import save_model_atomic, write_json_atomic
     from deeplab_tf.recipes import get_recipe
-    from deeplab_tf.training import TrainConfig, save_model_atomic, write_json_atomic
+    from deeplab_tf.training import TrainConfig
 
     model_dir.mkdir(parents=True, exist_ok=True)
     save_model_atomic(model, model_dir / "best.keras")

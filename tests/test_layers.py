@@ -133,7 +133,17 @@ class TestAtrousConv2DCorrectness:
         assert result.returncode == 0, result.stderr[-2000:]
         native, diff = result.stdout.split()[-2:]
         assert native == "False"  # the fallback path really ran
+        # Two float32 summation orders of the same 27 products (3x3x3) per output and
+        # 4 x 10 x 9 per kernel gradient, terms of order 1: they differ by a few units
+        # of float32 rounding (6e-8) times the sums' size (about 10 to 100).
         assert float(diff) < 1e-4
+
+    def test_the_build_answers_as_running_the_op_does(self):
+        """The capability is read off the build (no failing op, no error log line); it
+        must say what running the two backward ops says, under any oneDNN setting."""
+        from deeplab_tf.layers import _dilated_backprop_runs, native_dilated_backprop_available
+
+        assert native_dilated_backprop_available() == _dilated_backprop_runs()
 
 
 class TestAtrousConv2DInterface:

@@ -10,8 +10,9 @@ import pytest
 from deeplab_tf import VARIANTS, build_model, get_variant
 from deeplab_tf.backbones.vgg import VGG_BACKBONES
 from deeplab_tf.data.shapes import SPEC, ensure_shapes_tfrecords, render_example
+from deeplab_tf.files import save_model_atomic
 from deeplab_tf.recipes import default_recipe
-from deeplab_tf.training import TrainConfig, compile_model, save_model_atomic
+from deeplab_tf.training import TrainConfig, compile_model
 from deeplab_tf.training import train as run_training
 from tests.helpers import assert_close_relative
 

@@ -32,6 +32,8 @@ from typing import Any
 
 import tensorflow as tf
 
+from deeplab_tf.files import write_json_atomic
+
 IMAGE_ENCODED = "image/encoded"
 IMAGE_FORMAT = "image/format"
 IMAGE_FILENAME = "image/filename"
@@ -255,7 +257,5 @@ def write_manifest_split(
     manifest = check_manifest_dataset(data_dir, dataset)
     manifest["splits"][split] = entry
     manifest["splits"] = dict(sorted(manifest["splits"].items()))
-    tmp = path.with_name(f".{MANIFEST}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_json_atomic(path, manifest, indent=1)
     return manifest

@@ -1,0 +1,104 @@
+"""Atomic writes of files and directories, with the modes a plain ``open`` and
+``mkdir`` would give.
+
+Everything the project writes goes through a temporary name in the target's own
+directory (so the rename cannot cross file systems), is flushed to disk and then
+renamed: a killed job leaves the old file or none, never half of one. Files are
+created with mode 0666 and directories with 0777, both reduced by the user's umask
+(0644 / 0755 under umask 022), so a TF Serving process running as another user can
+read an export; ``tempfile.mkstemp``/``mkdtemp`` would give 0600 / 0700.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+
+def temporary_name(path: str | os.PathLike, kind: str = "tmp") -> Path:
+    """A hidden, unused name beside ``path``: ``.NAME.tmp-PID-RANDOM``."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{kind}-{os.getpid()}-{secrets.token_hex(3)}")
+
+
+def _fsync_dir(path: Path) -> None:
+    """Makes a rename inside ``path`` durable (POSIX; a no-op where unsupported)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator[IO[Any]]:
+    """Opens a temporary file beside ``path`` (``mode`` "w" or "wb"), renamed onto
+    ``path`` when the block ends without an exception, removed otherwise."""
+    if mode not in ("w", "wb"):
+        raise ValueError(f"mode must be 'w' or 'wb', got {mode!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_name(path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # umask applies
+    try:
+        with open(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    with atomic_file(path) as f:
+        f.write(text)
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any, indent: int = 2) -> None:
+    """Writes ``data`` as JSON (``default=str`` for paths and the like)."""
+    write_text_atomic(path, json.dumps(data, indent=indent, default=str) + "\n")
+
+
+def save_model_atomic(model: Any, path: str | os.PathLike) -> None:
+    """``model.save(path)`` (a Keras ``.keras`` file) through a temporary name."""
+    path = Path(path)
+    tmp = temporary_name(path).with_suffix(".keras")  # Keras requires the suffix
+    try:
+        model.save(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def temporary_dir(output_dir: str | os.PathLike) -> Path:
+    """A new empty directory beside ``output_dir`` (mode 0777 less the umask), to be
+    moved onto it with ``replace_dir`` when complete."""
+    output_dir = Path(output_dir)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_name(output_dir)
+    os.mkdir(tmp, 0o777)
+    return tmp
+
+
+def replace_dir(tmp: str | os.PathLike, output_dir: str | os.PathLike) -> None:
+    """Moves the finished ``tmp`` to ``output_dir``, replacing an old one only then."""
+    tmp, output_dir = Path(tmp), Path(output_dir)
+    if output_dir.exists():
+        old = temporary_name(output_dir, "old")
+        os.replace(output_dir, old)
+        os.replace(tmp, output_dir)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, output_dir)
+    _fsync_dir(output_dir.parent)
