@@ -21,10 +21,11 @@ from pathlib import Path
 from typing import IO, Any
 
 
-def temporary_name(path: str | os.PathLike, kind: str = "tmp") -> Path:
-    """A hidden, unused name beside ``path``: ``.NAME.tmp-PID-RANDOM``."""
+def temporary_name(path: str | os.PathLike, kind: str = "tmp", suffix: str = "") -> Path:
+    """A hidden, unused name beside ``path``: ``.NAME.KIND-PID-RANDOM`` + ``suffix``."""
     path = Path(path)
-    return path.with_name(f".{path.name}.{kind}-{os.getpid()}-{secrets.token_hex(3)}")
+    token = f"{os.getpid()}-{secrets.token_hex(3)}"
+    return path.with_name(f".{path.name}.{kind}-{token}{suffix}")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -72,7 +73,7 @@ def write_json_atomic(path: str | os.PathLike, data: Any, indent: int = 2) -> No
 def save_model_atomic(model: Any, path: str | os.PathLike) -> None:
     """``model.save(path)`` (a Keras ``.keras`` file) through a temporary name."""
     path = Path(path)
-    tmp = temporary_name(path).with_suffix(".keras")  # Keras requires the suffix
+    tmp = temporary_name(path, suffix=".keras")  # Keras requires the suffix
     try:
         model.save(tmp)
         os.replace(tmp, path)
