@@ -24,6 +24,8 @@ test: $(VENV)/.installed
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q
+	@echo "The numerics tests again, with TensorFlow's own kernels (as CPUs without oneDNN's paths compute):"
+	TF_ENABLE_ONEDNN_OPTS=0 $(PY) -m pytest -q -m numerics
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check --fix .

@@ -136,6 +136,9 @@ def test_tune_crf_writes_params_that_evaluate_accepts(model_dir, network, tmp_pa
     cache = out / "probabilities.npz"
     with np.load(cache) as arrays:
         np.testing.assert_array_equal(arrays["image_1"], network[1][0])
+        # The CLI ran in this process: the same Predictor, kernels and image, so the
+        # same probabilities up to a last rounding (1e-6 is 8 eps at 1); the score
+        # above, from labels, therefore matches exactly.
         np.testing.assert_allclose(arrays["probabilities_1"], network[1][1], atol=1e-6)
     stamp = cache.stat().st_mtime_ns
     code, stdout, err = _run(tune_crf, capsys, *args, "--rounds", "1", "--overwrite")
@@ -172,6 +175,8 @@ def test_predict_writes_crf_refined_masks(model_dir, network, params_file, tmp_p
         refined = crf.refine(image, probabilities, PARAMS, "tensorflow")
         with Image.open(out / f"{k}.png") as mask:
             np.testing.assert_array_equal(np.asarray(mask), refined.argmax(-1))
+        # In this process: the same network and CRF on the same values, up to the
+        # last roundings of the mean field's sums (1e-5 is 84 eps at 1).
         np.testing.assert_allclose(np.load(out / f"{k}_probabilities.npy"), refined, atol=1e-5)
 
 

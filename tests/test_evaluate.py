@@ -44,6 +44,8 @@ def numpy_band(boundary, width):
 
 
 def assert_json_scores(actual, expected_confusion):
+    """JSON scores against numpy's from the same integer counts, both float64 (JSON
+    writes the repr): a few float64 roundings, far below 1e-10."""
     expected = numpy_scores(expected_confusion)
     for key in ("mean_iou", "pixel_accuracy", "mean_class_accuracy", "frequency_weighted_iou"):
         np.testing.assert_allclose(actual[key], expected[key], rtol=1e-10, err_msg=key)

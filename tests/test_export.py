@@ -7,7 +7,6 @@ shapes is shared by the tests: TFLite conversion is slow.
 """
 
 import base64
-import importlib.util
 import io
 import json
 import os
@@ -24,16 +23,14 @@ import tensorflow as tf
 from PIL import Image
 from tensorflow_serving.apis import predict_pb2
 
-from deeplab_tf import build_model
+from deeplab_tf import build_model, get_variant
 from deeplab_tf.data import pipeline, tfrecord
 from deeplab_tf.data.shapes import ensure_shapes_tfrecords
 from deeplab_tf.data.specs import SPECS
 from deeplab_tf.export import (
-    CRF_MISSING,
     FORMATS,
     KERAS_FILE,
     QUANTIZATIONS,
-    ExportError,
     TFLitePredictor,
     export,
     load_crf,
@@ -42,7 +39,13 @@ from deeplab_tf.export import (
 )
 from deeplab_tf.inference import Predictor
 from deeplab_tf.losses import SoftmaxCrossEntropy
-from tests.helpers import tiny_variant
+from tests.tolerances import (
+    EPS32,
+    assert_refinements_agree,
+    decided,
+    network_rtol,
+    probability_atol,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = SPECS["shapes"]
@@ -58,11 +61,14 @@ def shapes(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def model(shapes) -> keras.Model:
-    """The tiny DeepLab v3 after 120 training steps on shapes. A random network would
-    not do: with its batch norm calibrated on one batch, its float16 TFLite file changes
-    2 to 3% of its labels (the quickstart model's, 0.02%)."""
+    """The quickstart's small ResNet (at output stride 16) after 120 training steps on
+    shapes: of the variants, the fastest to train here. A random network would not do:
+    with its batch norm calibrated on one batch, its float16 TFLite file changes 2 to 3%
+    of its labels (the quickstart model's, 0.02%)."""
     keras.utils.set_random_seed(0)
-    model = build_model(tiny_variant(), SPEC.num_classes, bn_momentum=0.9)
+    model = build_model(
+        get_variant("deeplabv3-resnet10-cpu"), SPEC.num_classes, output_stride=16, bn_momentum=0.9
+    )
     weights = [0.3] + [1.0] * (SPEC.num_classes - 1)  # background covers most pixels
     model.compile(keras.optimizers.Adam(3e-3), SoftmaxCrossEntropy(class_weights=weights))
     data = pipeline.train_dataset(
@@ -104,6 +110,20 @@ def keras_probabilities(model: keras.Model, images: np.ndarray) -> np.ndarray:
     return tf.nn.softmax(logits, axis=-1).numpy()
 
 
+# The exported network in float32 layers in series: resnet10_cpu's stem and eight
+# basic-block convolutions, the ASPP's branch and projection and the classifier (12);
+# its longest sum is a 3x3 convolution over 128 channels (1152 terms).
+NETWORK_LAYERS, NETWORK_TERMS = 12, 9 * 128
+
+
+def float32_atol(model: keras.Model, images: np.ndarray) -> float:
+    """The bound on the difference between two float32 evaluations of the network's
+    probabilities (another graph, fusions or kernels): the reordering error of its
+    layers relative to its largest logit, halved by the softmax."""
+    logits = np.asarray(model(np.asarray(images, np.float32), training=False))
+    return probability_atol(network_rtol(NETWORK_LAYERS, NETWORK_TERMS) * np.abs(logits).max())
+
+
 def encode(image: np.ndarray, image_format: str) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format=image_format, quality=95)
@@ -133,9 +153,11 @@ class TestSavedModel:
             expected = keras_probabilities(model, images)
             labels = outputs["labels"].numpy()
             assert outputs["labels"].dtype == tf.int32 and labels.shape == (2, height, width)
-            np.testing.assert_allclose(outputs["probabilities"], expected, atol=1e-4)
+            atol = float32_atol(model, images)  # the same network in another graph
+            np.testing.assert_allclose(outputs["probabilities"], expected, atol=atol)
             np.testing.assert_array_equal(labels, outputs["probabilities"].numpy().argmax(-1))
-            assert (labels == expected.argmax(-1)).mean() > 0.999
+            sure = decided(expected, atol)
+            np.testing.assert_array_equal(labels[sure], expected.argmax(-1)[sure])
 
     def test_saved_model_cli_shows_the_documented_signatures(self, exported):
         shown = subprocess.run(
@@ -185,7 +207,8 @@ class TestSavedModel:
         )  # fmt: skip
         probabilities = np.load(tmp_path / "out" / "probabilities.npy")
         labels = np.load(tmp_path / "out" / "labels.npy")
-        np.testing.assert_allclose(probabilities, keras_probabilities(model, images), atol=1e-4)
+        expected, atol = keras_probabilities(model, images), float32_atol(model, images)
+        np.testing.assert_allclose(probabilities, expected, atol=atol)
         assert labels.dtype == np.int32 and labels.shape == (2, 37, 52)
         np.testing.assert_array_equal(labels, probabilities.argmax(-1))
 
@@ -209,7 +232,8 @@ class TestSavedModel:
 
         probabilities = tf.make_ndarray(response.outputs["probabilities"])
         labels = tf.make_ndarray(response.outputs["labels"])
-        np.testing.assert_allclose(probabilities, keras_probabilities(model, images), atol=1e-4)
+        expected, atol = keras_probabilities(model, images), float32_atol(model, images)
+        np.testing.assert_allclose(probabilities, expected, atol=atol)
         assert labels.dtype == np.int32
         np.testing.assert_array_equal(labels, probabilities.argmax(-1))
 
@@ -237,7 +261,8 @@ class TestSavedModel:
             decoded = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))  # PIL, not TF
             h, w = decoded.shape[:2]
             expected = keras_probabilities(model, decoded[None])[0]
-            np.testing.assert_allclose(probabilities[i, :h, :w], expected, atol=1e-4)
+            atol = float32_atol(model, decoded[None])
+            np.testing.assert_allclose(probabilities[i, :h, :w], expected, atol=atol)
             np.testing.assert_array_equal(labels[i, :h, :w], probabilities[i, :h, :w].argmax(-1))
             assert (labels[i, h:] == 255).all() and (labels[i, :, w:] == 255).all()
             assert not probabilities[i, h:].any() and not probabilities[i, :, w:].any()
@@ -287,25 +312,45 @@ class TestSavedModel:
 
 class TestTFLite:
     def test_labels_agree_with_keras(self, exported, model, val_images):
-        expected = keras_probabilities(model, val_images).argmax(-1)
-        agreement = {}
+        """Labels agree wherever the Keras probabilities' top-2 margin exceeds what each
+        format's arithmetic can move (pixels closer to a tie may take either label)."""
+        expected = keras_probabilities(model, val_images)
+        logits = np.asarray(model(val_images.astype(np.float32), training=False))
+        logit_range = float(logits.max() - logits.min())
+        atol = {
+            # float32 kernels of another library: the float32 reordering bound.
+            "none": float32_atol(model, val_images),
+            # Weights rounded to float16 (relative 2^-11 each) move each layer's output
+            # by about 2^-11 of its size, independently: sqrt(12) of that in series, three
+            # standard deviations, of the largest logit.
+            "float16": probability_atol(
+                3 * np.sqrt(NETWORK_LAYERS) * 2.0**-11 * np.abs(logits).max()
+            ),
+            # int8 activations round to 1/255 of their calibrated range: at most half a
+            # step per layer, the 12 layers' errors adding up, taken on the logits' range.
+            "int8": probability_atol(NETWORK_LAYERS * logit_range / 510),
+        }
         for mode in QUANTIZATIONS:
             predictor = TFLitePredictor(exported.path / tflite_file(mode))
             assert predictor.input_size == (SIZE, SIZE) and predictor.num_classes == 6
             labels = np.stack([predictor.predict_labels(image) for image in val_images])
-            agreement[mode] = float((labels == expected).mean())
-        assert agreement["none"] >= 0.995, agreement
-        assert agreement["float16"] >= 0.99, agreement
-        assert agreement["int8"] >= 0.95, agreement  # measured 0.98
+            sure = decided(expected, atol[mode])
+            # Not vacuous: most pixels of a trained network are far from a tie (at the
+            # int8 bound about 0.25 in probability, 60 to 80% of these images).
+            assert sure.mean() > 0.5, (mode, atol[mode], sure.mean())
+            np.testing.assert_array_equal(labels[sure], expected.argmax(-1)[sure], err_msg=mode)
 
     def test_float32_probabilities_and_other_image_sizes(self, exported, model):
         predictor = TFLitePredictor(exported.path / tflite_file("none"))
         image = rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
         expected = keras_probabilities(model, image[None])[0]
-        np.testing.assert_allclose(predictor.predict(image), expected, atol=1e-4)
+        atol = float32_atol(model, image[None])  # TFLite's float32 kernels
+        np.testing.assert_allclose(predictor.predict(image), expected, atol=atol)
         other = predictor.predict(rng.integers(0, 256, (33, 70, 3), dtype=np.uint8))
         assert other.shape == (33, 70, 6)  # resized to the input size and back
-        np.testing.assert_allclose(other.sum(-1), 1.0, atol=1e-4)
+        # A bilinear resize of probabilities (weights summing to 1) keeps their sum at 1
+        # up to the rounding of a 4-term and a 6-term float32 sum.
+        np.testing.assert_allclose(other.sum(-1), 1.0, atol=10 * EPS32)
 
     def test_int8_is_full_integer_with_float_input_and_outputs(self, exported):
         predictor = TFLitePredictor(exported.path / tflite_file("int8"))
@@ -332,6 +377,9 @@ class TestTFLite:
         entry = exported.manifest["formats"]["tflite"]["files"]["int8"]
         assert exported.manifest["evaluation"]["keras_mean_iou"] == pytest.approx(keras_iou)
         assert entry["mean_iou"] == pytest.approx(int8_iou)
+        # What a user of the int8 file loses: at most 2 points of mean IoU (the quickstart
+        # model loses 0.1; int8 rounding depends on the CPU that calibrated it, so its
+        # label agreement is bounded above only where margins are wide).
         assert keras_iou - int8_iou <= 0.02, (keras_iou, int8_iou)
 
 
@@ -378,29 +426,35 @@ def test_fresh_processes_load_the_savedmodel_and_the_keras_file(exported, model,
     assert done.returncode == 0, done.stderr[-2000:]
     assert "refused without deeplab_tf" in done.stdout
     expected = model(images.astype("float32"), training=False).numpy()
-    np.testing.assert_allclose(np.load(tmp_path / "keras.npy"), expected, atol=1e-4)
+    # The same float32 network in another process: the reordering bound, on logits and
+    # (halved) on probabilities.
+    logit_atol = network_rtol(NETWORK_LAYERS, NETWORK_TERMS) * np.abs(expected).max()
+    np.testing.assert_allclose(np.load(tmp_path / "keras.npy"), expected, atol=logit_atol)
     np.testing.assert_allclose(
-        np.load(tmp_path / "saved.npy"), tf.nn.softmax(expected).numpy(), atol=1e-4
+        np.load(tmp_path / "saved.npy"),
+        tf.nn.softmax(expected).numpy(),
+        atol=probability_atol(logit_atol),
     )
 
 
 def test_crf_in_the_savedmodel(model, tmp_path):
-    """Without deeplab_tf.crf, a one-line error; with it, the signature's probabilities
-    are the TensorFlow CRF's refinement of the network's."""
-    if importlib.util.find_spec("deeplab_tf.crf") is None:
-        with pytest.raises(ExportError, match=f"^{CRF_MISSING}$"):
-            load_crf()
-        return
+    """The signature's probabilities are the TensorFlow CRF's refinement of the
+    network's."""
     from deeplab_tf import crf
 
     names = list(SPEC.class_names)
     save_serving_model(Predictor(model), tmp_path / "m", names, SPEC.palette(), load_crf())
     serve = tf.saved_model.load(str(tmp_path / "m")).signatures["serving_default"]
     images = rng.integers(0, 256, (2, 33, 41, 3), dtype=np.uint8)
-    probabilities = keras_probabilities(model, images)
-    expected = crf.crf_tensorflow(images, probabilities, crf.CRFParams()).numpy()
-    outputs = serve(images=tf.constant(images))
-    np.testing.assert_allclose(outputs["probabilities"], expected, atol=1e-4)
+    expected = crf.crf_tensorflow(images, keras_probabilities(model, images), crf.CRFParams())
+    expected = expected.numpy()
+    refined = serve(images=tf.constant(images))["probabilities"].numpy()
+    # The CRF's inputs differ by the network's float32 bound; its ten mean-field
+    # iterations amplify that at pixels near a tie (measured: 1e-6 in, up to 1.4e-3 out,
+    # by CPU and oneDNN setting). Labels are compared where the refined margin exceeds
+    # 100 times the input's bound, the largest amplification seen.
+    atol = float32_atol(model, images)
+    assert_refinements_agree(refined, expected, atol, label_atol=100 * atol)
 
 
 def _saved_model_cli() -> str:

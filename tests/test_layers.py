@@ -20,6 +20,7 @@ from deeplab_tf.layers import (
     direct_atrous_conv2d,
 )
 from tests.helpers import numpy_atrous_conv2d, numpy_atrous_conv2d_grads, run_layer_checks
+from tests.tolerances import assert_within, sum_bound, sum_rtol
 
 RATES = (1, 2, 3, 4, 12)
 rng = np.random.default_rng(0)
@@ -34,6 +35,14 @@ def _atrous_layer(rate, implementation, padding="same", x_shape=(2, 11, 13, 3), 
     return layer
 
 
+def assert_gradients_within_bounds(dx, dw, ref_dx, ref_dw, x, w, rate, dy) -> None:
+    """Higham's bound for each gradient's sums: dx sums 3x3 taps x output channels, dw
+    sums over the batch and the output's pixels; magnitudes from |x|, |w|, |dy|."""
+    abs_dx, abs_dw = numpy_atrous_conv2d_grads(np.abs(x), np.abs(w), rate, "same", np.abs(dy))
+    assert_within(dx, ref_dx, sum_bound(9 * dy.shape[-1], abs_dx))
+    assert_within(dw, ref_dw, sum_bound(int(np.prod(dy.shape[:3])), abs_dw))
+
+
 class TestAtrousConv2DCorrectness:
     """Each implementation against the numpy definition y[i] = sum_k x[i + r k] w[k]."""
 
@@ -44,18 +53,22 @@ class TestAtrousConv2DCorrectness:
     def test_forward_matches_numpy(self, implementation, rate, size):
         x = rng.normal(size=(2, *size, 3)).astype("float32")
         layer = _atrous_layer(rate, implementation, x_shape=x.shape)
-        expected = numpy_atrous_conv2d(x, np.asarray(layer.kernel), rate, "same")
-        np.testing.assert_allclose(np.asarray(layer(x)), expected, atol=1e-4)
+        w = np.asarray(layer.kernel)
+        expected = numpy_atrous_conv2d(x, w, rate, "same")
+        bound = sum_bound(27, numpy_atrous_conv2d(np.abs(x), np.abs(w), rate, "same"))
+        assert_within(layer(x), expected, bound)  # 3x3 taps x 3 channels
 
     @pytest.mark.parametrize("implementation", ATROUS_IMPLEMENTATIONS)
     @pytest.mark.parametrize("rate", [1, 2, 3])
     def test_valid_padding_matches_numpy(self, implementation, rate):
         x = rng.normal(size=(1, 15, 14, 3)).astype("float32")
         layer = _atrous_layer(rate, implementation, padding="valid", x_shape=x.shape)
-        expected = numpy_atrous_conv2d(x, np.asarray(layer.kernel), rate, "valid")
+        w = np.asarray(layer.kernel)
+        expected = numpy_atrous_conv2d(x, w, rate, "valid")
         y = layer(x)
         assert y.shape == expected.shape == (1, 15 - 2 * rate, 14 - 2 * rate, 4)
-        np.testing.assert_allclose(np.asarray(y), expected, atol=1e-4)
+        bound = sum_bound(27, numpy_atrous_conv2d(np.abs(x), np.abs(w), rate, "valid"))
+        assert_within(y, expected, bound)  # 3x3 taps x 3 channels
 
     @pytest.mark.parametrize("rate", RATES)
     def test_implementations_agree_with_bias(self, rate):
@@ -69,8 +82,12 @@ class TestAtrousConv2DCorrectness:
             layer.build(x.shape)
             layer.set_weights(reference.get_weights())
             outputs.append(np.asarray(layer(x)))
+        # Each is within Higham's bound of the exact sum (45 terms: 3x3 taps x 5
+        # channels, and the bias), so two of them within twice that.
+        kernel = np.abs(reference.get_weights()[0])
+        magnitude = numpy_atrous_conv2d(np.abs(x), kernel, rate, "same") + np.abs(reference.bias)
         for y in outputs[1:]:
-            np.testing.assert_allclose(y, outputs[0], atol=1e-4)
+            assert_within(y, outputs[0], 2 * sum_bound(46, magnitude))
 
     @pytest.mark.parametrize("implementation", ATROUS_IMPLEMENTATIONS)
     @pytest.mark.parametrize("rate", RATES)
@@ -82,11 +99,9 @@ class TestAtrousConv2DCorrectness:
             tape.watch(x)
             loss = tf.reduce_sum(layer(x) * dy)
         dx, dw = tape.gradient(loss, [x, layer.kernel])
-        ref_dx, ref_dw = numpy_atrous_conv2d_grads(
-            x.numpy(), np.asarray(layer.kernel), rate, "same", dy
-        )
-        np.testing.assert_allclose(dx.numpy(), ref_dx, atol=1e-3)
-        np.testing.assert_allclose(dw.numpy(), ref_dw, atol=1e-3)
+        w = np.asarray(layer.kernel)
+        ref_dx, ref_dw = numpy_atrous_conv2d_grads(x.numpy(), w, rate, "same", dy)
+        assert_gradients_within_bounds(dx, dw, ref_dx, ref_dw, x.numpy(), w, rate, dy)
 
     @pytest.mark.parametrize("rate", [2, 3, 12])
     def test_direct_fallback_gradient_matches_numpy(self, rate):
@@ -99,12 +114,11 @@ class TestAtrousConv2DCorrectness:
             y = direct_atrous_conv2d(x, w, rate, "same", native_backprop=False)
             loss = tf.reduce_sum(y * dy)
         dx, dw = tape.gradient(loss, [x, w])
-        ref_dx, ref_dw = numpy_atrous_conv2d_grads(x.numpy(), w.numpy(), rate, "same", dy)
-        np.testing.assert_allclose(
-            y.numpy(), numpy_atrous_conv2d(x.numpy(), w.numpy(), rate, "same"), atol=1e-4
-        )
-        np.testing.assert_allclose(dx.numpy(), ref_dx, atol=1e-3)
-        np.testing.assert_allclose(dw.numpy(), ref_dw, atol=1e-3)
+        x, w = x.numpy(), w.numpy()
+        ref_dx, ref_dw = numpy_atrous_conv2d_grads(x, w, rate, "same", dy)
+        bound = sum_bound(27, numpy_atrous_conv2d(np.abs(x), np.abs(w), rate, "same"))
+        assert_within(y, numpy_atrous_conv2d(x, w, rate, "same"), bound)
+        assert_gradients_within_bounds(dx, dw, ref_dx, ref_dw, x, w, rate, dy)
 
     def test_direct_trains_without_onednn(self):
         """With TF_ENABLE_ONEDNN_OPTS=0 native dilated backprop fails; ours must not."""
@@ -174,22 +188,27 @@ class TestAtrousConv2DInterface:
         atrous = AtrousConv2D(5, 3)
         atrous.build(x.shape)
         atrous.set_weights(conv.get_weights())
-        np.testing.assert_allclose(np.asarray(atrous(x)), np.asarray(conv(x)), atol=1e-5)
+        # Each within Higham's bound of the exact 27-term sums (plus the zero bias).
+        magnitude = numpy_atrous_conv2d(np.abs(x), np.abs(conv.get_weights()[0]), 1, "same")
+        assert_within(atrous(x), conv(x), 2 * sum_bound(28, magnitude))
 
 
 class TestPixelNormalization:
     def test_caffe_matches_keras_resnet_preprocessing(self):
         x = rng.uniform(0, 255, size=(2, 5, 7, 3)).astype("float32")
         expected = keras.applications.resnet.preprocess_input(x.copy())
+        # One float32 subtraction of values up to 255: half an ulp at 255 is 1.5e-5.
         np.testing.assert_allclose(np.asarray(PixelNormalization("caffe")(x)), expected, atol=1e-4)
 
     def test_tf_matches_keras_mobilenet_v2_preprocessing(self):
         x = rng.uniform(0, 255, size=(2, 5, 7, 3)).astype("float32")
         expected = keras.applications.mobilenet_v2.preprocess_input(x.copy())
+        # x / 127.5 - 1 against a multiply-add: two roundings at values up to 1 (2.4e-7).
         np.testing.assert_allclose(np.asarray(PixelNormalization("tf")(x)), expected, atol=1e-6)
 
     def test_mean_pixel_maps_to_zero(self):
         mean = np.broadcast_to(np.array(IMAGENET_MEAN_RGB, "float32"), (1, 2, 2, 3))
+        # The mean minus its float32 self: at most a rounding of 124 (7.6e-6).
         np.testing.assert_allclose(np.asarray(PixelNormalization("caffe")(mean)), 0, atol=1e-5)
 
     def test_bad_mode(self):
@@ -219,7 +238,9 @@ class TestImagePooling:
         ) * np.asarray(bn.gamma) + np.asarray(bn.beta)
         expected = np.broadcast_to(np.maximum(normed, 0)[:, None, None, :], (2, 65, 129, 8))
         assert y.shape == (2, 65, 129, 8)
-        np.testing.assert_allclose(y, expected, atol=1e-4)
+        # The layer's float32 mean over 65x129 pixels (then a 16-term 1x1 and an affine
+        # batch norm) against float64: sum_rtol of the mean's terms, of outputs of order 1.
+        np.testing.assert_allclose(y, expected, atol=sum_rtol(65 * 129) * np.abs(expected).max())
         assert not np.allclose(y[0], y[1])
 
 
@@ -305,6 +326,7 @@ class TestResizeBilinear:
         logits = rng.normal(size=(1, 33, 33, 2)).astype("float32")
         y = np.asarray(ResizeBilinear()([logits, np.zeros((1, 513, 513, 3), "float32")]))
         assert y.shape == (1, 513, 513, 2)
+        # 4-term float32 interpolations of values of order 1: a few eps (1e-5 is 84).
         np.testing.assert_allclose(y[:, ::16, ::16], logits, atol=1e-5)
         # halfway between two logits is their mean
         np.testing.assert_allclose(y[:, 8, 0], (logits[:, 0, 0] + logits[:, 1, 0]) / 2, atol=1e-5)

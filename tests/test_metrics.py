@@ -40,6 +40,8 @@ def numpy_scores(m):
 
 
 def assert_scores_equal(actual, expected):
+    """Scores from the same integer confusion matrix, computed in float64 both ways: a
+    few roundings (1e-10 relative is 5e5 float64 eps, 1e-6 times float32's)."""
     assert set(actual) == set(expected)
     for key, value in expected.items():
         np.testing.assert_allclose(np.asarray(actual[key]), value, rtol=1e-10, err_msg=key)
@@ -73,6 +75,7 @@ def test_streaming_matches_numpy_over_several_updates():
 
     reference = numpy_scores(expected)
     assert_scores_equal(metric.scores(), reference)
+    # result() is float32 (Keras metrics): a division and a mean, a few float32 eps.
     np.testing.assert_allclose(float(metric.result()), reference["mean_iou"], rtol=1e-6)
     np.testing.assert_allclose(metric.per_class_iou(), reference["per_class_iou"], rtol=1e-10)
 
@@ -144,6 +147,7 @@ def test_in_model_evaluate_and_keras_file(tmp_path):
     logs = model.evaluate(x, y[..., None], batch_size=4, return_dict=True, verbose=0)
     predictions = model.predict(x, verbose=0).argmax(-1)
     reference = numpy_scores(numpy_confusion(y, predictions, c))
+    # The same counts; float32 result: a few eps.
     np.testing.assert_allclose(logs["miou"], reference["mean_iou"], rtol=1e-6)
 
     metric = MeanIoU(num_classes=c, ignore_label=0, name="m")

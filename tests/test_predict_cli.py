@@ -9,6 +9,7 @@ import predict
 from deeplab_tf.data.specs import SPECS
 from deeplab_tf.inference import Predictor
 from tests.helpers import tiny_model, write_model_dir
+from tests.tolerances import sum_to_one_atol
 
 rng = np.random.default_rng(11)
 
@@ -60,7 +61,7 @@ def test_predicts_each_image_and_skips_unreadable_ones(model_dir, inputs, tmp_pa
         np.testing.assert_array_equal(labels, predictor.predict_labels(image))
         probabilities = np.load(out / f"{name}_probabilities.npy")
         assert probabilities.shape == (*image.shape[:2], 6)
-        np.testing.assert_allclose(probabilities.sum(-1), 1.0, atol=1e-5)
+        np.testing.assert_allclose(probabilities.sum(-1), 1.0, atol=sum_to_one_atol(6))
         np.testing.assert_array_equal(probabilities.argmax(-1), labels)
         with Image.open(out / f"{name}_overlay.jpg") as overlay:
             assert overlay.width > image.shape[1] and overlay.height >= image.shape[0]  # legend

@@ -29,6 +29,9 @@ def numpy_poly(step, lr0, total, power=0.9, end=0.0):
 
 def test_poly_matches_formula_and_clamps():
     schedule = PolyDecay(0.007, 100, power=0.9, end_learning_rate=1e-4)
+    # Float32 against float64: a subtraction, a division and a pow (each within a few
+    # eps relative; pow scales its base's error by the power) and a product: 1e-5 is 84
+    # eps, the same bound for each schedule below.
     for step in [-3, 0, 1, 37, 99, 100, 101, 10**6]:
         lr = float(schedule(step))
         assert np.isfinite(lr) and lr >= np.float32(1e-4)
@@ -118,6 +121,8 @@ def test_l2_decay_and_lr_multipliers_against_hand_computation():
             mult, decayed = expected_rules[p]
             velocity[p] = momentum * velocity[p] - lr * mult * (g + wd * w[p] * decayed)
             w[p] = w[p] + velocity[p]
+    # Three float32 momentum steps of about six roundings each on values of order 1
+    # (about 20 eps, 2.4e-6 relative); atol for the values that cancel to near 0.
     for p, v in zip(paths, variables, strict=True):
         np.testing.assert_allclose(v.numpy(), w[p], rtol=1e-5, atol=1e-6, err_msg=p)
 
@@ -212,6 +217,10 @@ def numpy_fit():
 
 def check_fit_results(results):
     expected = numpy_fit()
+    # Two float32 steps whose gradients are means over up to 4x16 pixels (sums of 64
+    # terms per weight, 10 * sqrt(64) eps = 1e-5 relative, also the all-reduce's other
+    # order across replicas), times lr multipliers of up to 10 and momentum: 1e-4
+    # relative to the update; atol for the weights that cancel to near 0.
     for i, (actual, ref) in enumerate(zip(results["weights"], expected, strict=True)):
         actual = np.reshape(actual, ref.shape)
         np.testing.assert_allclose(actual, ref, rtol=1e-4, atol=1e-5, err_msg=str(i))
@@ -219,6 +228,7 @@ def check_fit_results(results):
     predictions = np.asarray(results["logits"]).argmax(-1)
     confusion = numpy_confusion(y, predictions, NUM_CLASSES)
     np.testing.assert_array_equal(results["confusion"], confusion)
+    # From the same integer counts: a float32 division and a mean of a few IoUs.
     np.testing.assert_allclose(results["mean_iou"], numpy_scores(confusion)["mean_iou"], rtol=1e-6)
 
 
@@ -270,5 +280,7 @@ def test_keras_file_keeps_optimizer_state(tmp_path):
     # The next step (momentum, lr at step 1, multipliers) is the same after the round trip.
     model.fit(x, y, batch_size=8, verbose=0)
     loaded.fit(x, y, batch_size=8, verbose=0)
+    # The same weights, optimizer state and batch through the same kernels: equal up
+    # to a last rounding (1e-6 is 8 eps).
     for a, b in zip(loaded.get_weights(), model.get_weights(), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6)
