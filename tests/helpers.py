@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
+import os
+import stat
 from pathlib import Path
 
 import keras
@@ -115,6 +118,31 @@ def numpy_atrous_conv2d_grads(
 
 def _pad(x: np.ndarray, pad: int) -> np.ndarray:
     return np.pad(x.astype(np.float64), ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+
+
+# === File modes ===
+
+
+@contextlib.contextmanager
+def umask(mask: int):
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def file_mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def assert_tree_modes(root: Path, directory: int = 0o755, regular: int = 0o644) -> None:
+    """Every path under ``root`` (and root) has the modes mkdir/open give under the umask."""
+    paths = [root, *root.rglob("*")]
+    assert len(paths) > 1
+    for path in paths:
+        expected = directory if path.is_dir() else regular
+        assert file_mode(path) == expected, (str(path), oct(file_mode(path)))
 
 
 # === Small models for the inference, evaluation and prediction tests ===

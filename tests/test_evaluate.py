@@ -11,7 +11,7 @@ from deeplab_tf.evaluation import Evaluator, trimap_band
 from deeplab_tf.evaluation import evaluate as evaluate_split
 from deeplab_tf.inference import InferenceError, Predictor
 from tests.data_helpers import read_records
-from tests.helpers import tiny_model, write_model_dir
+from tests.helpers import assert_tree_modes, tiny_model, umask, write_model_dir
 from tests.test_metrics import numpy_confusion, numpy_scores
 
 rng = np.random.default_rng(7)
@@ -199,12 +199,14 @@ def test_evaluate_split_matches_numpy(shapes_dir, model_dir):
 class TestEvaluateCli:
     def test_writes_results_tables_and_pictures(self, model_dir, tmp_path, capsys):
         out = tmp_path / "eval"
-        code = evaluate.main(
-            ["--checkpoint", str(model_dir), "--output-dir", str(out), "--output-stride", "8",
-             "--scales", "0.75,1", "--flip", "--trimap", "1,2,5", "--panels", "2"]
-        )  # fmt: skip
+        with umask(0o022):
+            code = evaluate.main(
+                ["--checkpoint", str(model_dir), "--output-dir", str(out), "--output-stride",
+                 "8", "--scales", "0.75,1", "--flip", "--trimap", "1,2,5", "--panels", "2"]
+            )  # fmt: skip
         captured = capsys.readouterr()
         assert code == 0, captured.err
+        assert_tree_modes(out)  # what mkdir and open give under umask 022
         results = json.loads((out / "results.json").read_text())
         assert results["inference"]["output_stride"] == 8
         assert results["inference"]["scales"] == [0.75, 1.0] and results["inference"]["flip"]

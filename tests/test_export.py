@@ -50,6 +50,7 @@ from tests.tolerances import (
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = SPECS["shapes"]
 SIZE = 48  # shapes images and the TFLite input size
+STEPS = 80  # training steps of the shared model
 rng = np.random.default_rng(8)
 
 
@@ -61,7 +62,7 @@ def shapes(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def model(shapes) -> keras.Model:
-    """The quickstart's small ResNet (at output stride 16) after 120 training steps on
+    """The quickstart's small ResNet (at output stride 16) after STEPS training steps on
     shapes: of the variants, the fastest to train here. A random network would not do:
     with its batch norm calibrated on one batch, its float16 TFLite file changes 2 to 3%
     of its labels (the quickstart model's, 0.02%)."""
@@ -74,7 +75,7 @@ def model(shapes) -> keras.Model:
     data = pipeline.train_dataset(
         shapes, batch_size=8, crop_size=SIZE, min_scale=1.0, max_scale=1.0, seed=0
     )
-    model.fit(data, steps_per_epoch=120, epochs=1, verbose=0)
+    model.fit(data, steps_per_epoch=STEPS, epochs=1, verbose=0)
     return model
 
 

@@ -1,10 +1,8 @@
 """Atomic writes with the modes of a plain open/mkdir (deeplab_tf/files.py), and the
 outputs of export, training, evaluation and prediction readable by other users."""
 
-import contextlib
 import io
 import json
-import os
 import stat
 from pathlib import Path
 
@@ -17,29 +15,7 @@ from deeplab_tf.data.specs import SPECS
 from deeplab_tf.export import export
 from deeplab_tf.inference import Predictor
 from deeplab_tf.prediction import predict_files
-from tests.helpers import tiny_model
-
-
-@contextlib.contextmanager
-def umask(mask: int):
-    old = os.umask(mask)
-    try:
-        yield
-    finally:
-        os.umask(old)
-
-
-def _mode(path: Path) -> int:
-    return stat.S_IMODE(path.stat().st_mode)
-
-
-def _assert_tree_modes(root: Path, directory: int = 0o755, regular: int = 0o644) -> None:
-    """Every path under ``root`` (and root) has the modes mkdir/open give under the umask."""
-    paths = [root, *root.rglob("*")]
-    assert len(paths) > 1
-    for path in paths:
-        expected = directory if path.is_dir() else regular
-        assert _mode(path) == expected, (str(path), oct(_mode(path)))
+from tests.helpers import assert_tree_modes, file_mode, tiny_model, umask
 
 
 @pytest.mark.parametrize("mask, directory, regular", [(0o022, 0o755, 0o644), (0o077, 0o700, 0o600)])
@@ -57,8 +33,8 @@ def test_modes_follow_the_umask(tmp_path, mask, directory, regular):
         files.replace_dir(tmp, tmp_path / "out")
     assert json.loads((tmp_path / "a" / "config.json").read_text()) == {"x": 1}
     for name in ("config.json", "table.md", "best.keras"):
-        assert _mode(tmp_path / "a" / name) == regular, name
-    assert _mode(tmp_path / "out") == directory
+        assert file_mode(tmp_path / "a" / name) == regular, name
+    assert file_mode(tmp_path / "out") == directory
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "out"]  # no temporary left
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [
         "best.keras", "config.json", "table.md"
@@ -99,9 +75,9 @@ def test_an_export_is_readable_by_another_user(predictor, tmp_path):
             predictor, tmp_path, formats=("savedmodel", "keras"), name="net",
             spec=SPECS["shapes"], log=lambda *_: None,
         )  # fmt: skip
-    _assert_tree_modes(tmp_path / "net")
+    assert_tree_modes(tmp_path / "net")
     for path in [done.path, done.path / "saved_model.pb", done.path / "variables"]:
-        assert _mode(path) & stat.S_IROTH, path
+        assert file_mode(path) & stat.S_IROTH, path
 
 
 def test_prediction_outputs_are_readable(predictor, tmp_path):
@@ -112,4 +88,4 @@ def test_prediction_outputs_are_readable(predictor, tmp_path):
             predictor, [str(tmp_path / "photo.png")], tmp_path / "out", SPECS["shapes"],
             stream=io.StringIO(),
         )  # fmt: skip
-    _assert_tree_modes(tmp_path / "out")
+    assert_tree_modes(tmp_path / "out")

@@ -18,7 +18,7 @@ from deeplab_tf.data.shapes import ensure_shapes_tfrecords
 from deeplab_tf.recipes import get_recipe
 from deeplab_tf.training import TrainConfig, TrainingError, check_config
 from deeplab_tf.training import train as run_training
-from tests.helpers import assert_close_relative
+from tests.helpers import assert_close_relative, assert_tree_modes, umask
 
 ROOT = Path(__file__).resolve().parents[1]
 # The quickstart's small ResNet: of the variants, the one that traces and trains
@@ -64,7 +64,8 @@ def test_loss_falls_and_miou_beats_chance(tiny_shapes, tmp_path):
         data_dir=str(tiny_shapes),
         verbose=0,
     )
-    results = run_training(config)
+    with umask(0o022):
+        results = run_training(config)
     history = _history(tmp_path / "run")
     assert history[-1]["loss"] < 0.7 * history[0]["loss"]
     frequency = json.loads((tiny_shapes / "manifest.json").read_text())["splits"]["train"]
@@ -74,6 +75,7 @@ def test_loss_falls_and_miou_beats_chance(tiny_shapes, tmp_path):
     assert results["steps"] == 150
     for name in ("best.keras", "last.keras", "results.json", "config.json", "history.csv"):
         assert (tmp_path / "run" / name).is_file()
+    assert_tree_modes(tmp_path / "run")  # what mkdir and open give under umask 022
 
 
 def test_finished_run_is_not_overwritten(tiny_shapes, tmp_path):
@@ -161,7 +163,7 @@ def test_killed_run_resumes_from_its_backup(tiny_shapes, tmp_path):
         while time.time() < deadline and process.poll() is None:
             if metadata.is_file() and json.loads(metadata.read_text())["epoch"] >= 2:
                 break
-            time.sleep(0.2)
+            time.sleep(0.05)  # a checkpoint every 10 steps comes about every second
         assert process.poll() is None, process.stderr.read().decode()[-2000:]
         process.send_signal(signal.SIGKILL)
     finally:
