@@ -22,9 +22,9 @@ from tests.helpers import assert_close_relative, assert_tree_modes, umask
 
 ROOT = Path(__file__).resolve().parents[1]
 # The quickstart's small ResNet: of the variants, the one that traces and trains
-# fastest on a CPU (13 batch norms in the backbone against MobileNetV2's 52).
+# fastest on a CPU (12 batch norms in the backbone against MobileNetV2's 51).
 SMALL_VARIANT = "deeplabv3-resnet10-cpu"
-TINY = get_variant(SMALL_VARIANT)
+SMALL = get_variant(SMALL_VARIANT)
 # A hundred and fifty steps on whole 48x48 images.
 TINY_RECIPE = dataclasses.replace(
     get_recipe("shapes-cpu"),
@@ -58,7 +58,7 @@ def test_loss_falls_and_miou_beats_chance(tiny_shapes, tmp_path):
     """Fits the training images: the loss falls and the mean IoU beats predicting
     the majority class everywhere (the chance level of this metric)."""
     config = TrainConfig(
-        variant=TINY,
+        variant=SMALL,
         recipe=dataclasses.replace(TINY_RECIPE, val_split="train"),
         model_dir=str(tmp_path / "run"),
         data_dir=str(tiny_shapes),
@@ -82,7 +82,7 @@ def test_finished_run_is_not_overwritten(tiny_shapes, tmp_path):
     model_dir = tmp_path / "run"
     model_dir.mkdir()
     (model_dir / "results.json").write_text("{}")
-    config = TrainConfig(TINY, TINY_RECIPE, str(model_dir), data_dir=str(tiny_shapes), verbose=0)
+    config = TrainConfig(SMALL, TINY_RECIPE, str(model_dir), data_dir=str(tiny_shapes), verbose=0)
     with pytest.raises(TrainingError, match="holds a finished run; pass --overwrite"):
         run_training(config)
     assert (model_dir / "results.json").read_text() == "{}"
@@ -120,7 +120,7 @@ class TestBadInput:
         assert code == 2 and "does not match" in err, err
 
     def test_batch_not_divisible_by_replicas(self):
-        config = TrainConfig(TINY, dataclasses.replace(TINY_RECIPE, batch_size=5), "unused")
+        config = TrainConfig(SMALL, dataclasses.replace(TINY_RECIPE, batch_size=5), "unused")
         with pytest.raises(
             TrainingError, match="--batch-size 5 is not divisible by the 2 replicas"
         ):
