@@ -45,7 +45,8 @@ def network_rtol(layers: int, terms: int) -> float:
 
 def probability_atol(logit_atol: float) -> float:
     """A softmax moves each probability by at most half the largest change of its
-    logits: d p_i = p_i (d z_i - sum_j p_j d z_j), and p_i (1 - p_i) <= 1/4 twice."""
+    logits: |d p_i| = p_i |(1 - p_i) d z_i - sum_{j != i} p_j d z_j|
+    <= 2 p_i (1 - p_i) max |d z| <= max |d z| / 2."""
     return logit_atol / 2
 
 
@@ -60,9 +61,9 @@ def decided(probabilities: np.ndarray, atol: float) -> np.ndarray:
 def sum_bound(terms: int, magnitudes: np.ndarray) -> np.ndarray:
     """Higham's bound for a float32 sum of ``terms`` products in any order, FMA or
     not: ``|computed - exact| <= gamma_n sum |products|`` with ``gamma_n = n u / (1 -
-    n u)``, ``u = eps / 2``; ``terms * eps`` covers ``gamma_n`` and the rounding of the
-    inputs to float32. ``magnitudes`` is ``sum |products|`` for each output, computed
-    in float64 with the same formula on ``|x|`` and ``|w|``."""
+    n u)``, ``u = eps / 2``; ``terms * eps`` covers ``gamma_n`` (while ``n u < 1/2``)
+    and the result's own rounding. ``magnitudes`` is ``sum |products|`` for each
+    output, computed in float64 with the same formula on ``|x|`` and ``|w|``."""
     return terms * EPS32 * np.asarray(magnitudes, np.float64)
 
 
