@@ -7,11 +7,6 @@
   tolerance that holds on one CPU only fails here before it lands. Comparisons of one
   computation with itself (a reloaded model, another trace, integer counts) run on the
   same kernels whatever the CPU and are not listed.
-* ``SLOWEST_FIRST``: the modules that take longest (100 to 40 s each on a 2-core
-  machine) are handed to the pytest-xdist workers first, so that the two workers
-  finish at about the same time instead of one running a long module alone at the end
-  (``--no-loadscope-reorder`` in pyproject.toml keeps this order; by default xdist
-  orders modules by their number of tests).
 """
 
 from __future__ import annotations
@@ -36,27 +31,7 @@ NUMERICS = (
 )
 
 
-SLOWEST_FIRST = tuple(
-    f"tests/test_{name}.py"
-    for name in (
-        "paper_variants",
-        "training",
-        "backbones",
-        "model",
-        "inference",
-        "export",
-        "console",
-    )
-)
-
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if item.nodeid.startswith(NUMERICS):
             item.add_marker(pytest.mark.numerics)
-
-    def rank(item: pytest.Item) -> int:
-        module = item.nodeid.split("::")[0]
-        return SLOWEST_FIRST.index(module) if module in SLOWEST_FIRST else len(SLOWEST_FIRST)
-
-    items.sort(key=rank)  # stable: each module's tests keep their order

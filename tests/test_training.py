@@ -301,9 +301,9 @@ def test_two_multi_worker_processes(tiny_shapes, tmp_path):
                 tiny_shapes,
                 model_dir,
                 "--steps",
-                "6",
+                "4",
                 "--checkpoint-every",
-                "3",
+                "2",
                 "--strategy",
                 "multi_worker",
             )
@@ -324,5 +324,5 @@ def test_two_multi_worker_processes(tiny_shapes, tmp_path):
         assert process.returncode == 0, output[-3000:]
     assert "replicas: 2" in outputs[0]
     results = json.loads((model_dir / "results.json").read_text())
-    assert results["steps"] == 6
+    assert results["steps"] == 4
     assert (model_dir / "last.keras").is_file()
