@@ -12,6 +12,8 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from tests.tolerances import network_rtol, sum_bound
+
 BASE_LAYER_CONFIG_KEYS = set(keras.layers.Layer().get_config())
 
 
@@ -96,6 +98,14 @@ def numpy_atrous_conv2d(x: np.ndarray, w: np.ndarray, rate: int, padding: str) -
     return y
 
 
+def numpy_atrous_conv2d_bound(x: np.ndarray, w: np.ndarray, rate: int, padding: str):
+    """Higham's bound (``tolerances.sum_bound``) on a float32 evaluation of
+    ``numpy_atrous_conv2d(x, w, ...)``: sums of k x k taps x C channels, magnitudes
+    from |x| and |w|."""
+    magnitudes = numpy_atrous_conv2d(np.abs(x), np.abs(w), rate, padding)
+    return sum_bound(int(np.prod(w.shape[:3])), magnitudes)
+
+
 def numpy_atrous_conv2d_grads(
     x: np.ndarray, w: np.ndarray, rate: int, padding: str, dy: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -146,6 +156,11 @@ def assert_tree_modes(root: Path, directory: int = 0o755, regular: int = 0o644) 
 
 
 # === Small models for the inference, evaluation and prediction tests ===
+
+
+# tiny_variant()'s float32 bound (tests/tolerances.py): MobileNetV2's 52 layers and the
+# head's 3 in series, sums of at most 480 terms.
+TINY_RTOL = network_rtol(55, 480)
 
 
 def tiny_variant():

@@ -43,6 +43,7 @@ from tests.tolerances import (
     EPS32,
     assert_refinements_agree,
     decided,
+    model_probability_atol,
     network_rtol,
     probability_atol,
 )
@@ -118,11 +119,8 @@ NETWORK_LAYERS, NETWORK_TERMS = 12, 9 * 128
 
 
 def float32_atol(model: keras.Model, images: np.ndarray) -> float:
-    """The bound on the difference between two float32 evaluations of the network's
-    probabilities (another graph, fusions or kernels): the reordering error of its
-    layers relative to its largest logit, halved by the softmax."""
-    logits = np.asarray(model(np.asarray(images, np.float32), training=False))
-    return probability_atol(network_rtol(NETWORK_LAYERS, NETWORK_TERMS) * np.abs(logits).max())
+    """The bound on two float32 evaluations of the network's probabilities."""
+    return model_probability_atol(model, images, network_rtol(NETWORK_LAYERS, NETWORK_TERMS))
 
 
 def encode(image: np.ndarray, image_format: str) -> bytes:

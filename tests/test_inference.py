@@ -16,9 +16,9 @@ from deeplab_tf.inference import (
     model_at_output_stride,
     tile_starts,
 )
-from tests.helpers import tiny_model, tiny_variant, write_model_dir
+from tests.helpers import TINY_RTOL, tiny_model, tiny_variant, write_model_dir
 from tests.test_losses import numpy_bilinear_aligned
-from tests.tolerances import network_rtol, probability_atol, sum_to_one_atol
+from tests.tolerances import model_probability_atol, network_rtol, sum_to_one_atol
 
 ROOT = Path(__file__).resolve().parents[1]
 rng = np.random.default_rng(3)
@@ -39,17 +39,9 @@ def numpy_softmax(x):
     return e / e.sum(-1, keepdims=True)
 
 
-# The tiny network's float32 bound (tests/tolerances.py): MobileNetV2's 52 layers and the
-# head's 3, sums of at most 480 terms.
-TINY_RTOL = network_rtol(55, 480)
-
-
 def probability_bound(model, image, rtol=TINY_RTOL) -> float:
-    """The bound on two float32 evaluations of ``model``'s probabilities for ``image``
-    (other graph, batch, kernels, resizing): ``rtol`` of its largest logit, halved by
-    the softmax."""
-    logits = np.asarray(model(np.asarray(image, "float32")[None], training=False))
-    return probability_atol(rtol * np.abs(logits).max())
+    """``model_probability_atol`` for one image, by default of the tiny network."""
+    return model_probability_atol(model, image[None], rtol)
 
 
 def logits_at_stride(model, x):

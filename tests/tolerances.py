@@ -50,6 +50,14 @@ def probability_atol(logit_atol: float) -> float:
     return logit_atol / 2
 
 
+def model_probability_atol(model, images: np.ndarray, rtol: float) -> float:
+    """The bound on two float32 evaluations of ``model``'s probabilities for the batch
+    ``images`` (another graph, batch, kernels or resizing): ``rtol`` (``network_rtol``
+    of the model) of its largest logit, halved by the softmax."""
+    logits = np.asarray(model(np.asarray(images, np.float32), training=False))
+    return probability_atol(rtol * np.abs(logits).max())
+
+
 def decided(probabilities: np.ndarray, atol: float) -> np.ndarray:
     """Pixels whose label no change of at most ``atol`` in each probability can flip:
     the top-2 margin exceeds twice ``atol``. Where two classes are closer than that,
