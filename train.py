@@ -8,8 +8,11 @@
     python train.py --variant dilation-context-large --data-dir data/voc2012 \\
         --init-checkpoint runs/front --model-dir runs/context    # front end frozen
 
-Defaults come from the variant's paper recipe (deeplab_tf/recipes.py) and are
-printed at start; every flag below overrides one of them. A killed run restarted
+Without --recipe, the recipe follows the variant and the dataset in --data-dir (its
+manifest): the paper protocol for VOC and Cityscapes, the CPU recipe for the built-in
+shapes, a fine-tuning protocol derived from the paper's for other data
+(deeplab_tf/recipes.py). It is printed at start with where each value came from;
+every flag below overrides one of them. A killed run restarted
 with the same command resumes from its last backup. Multi-worker training reads
 TF_CONFIG (see the README).
 """
@@ -29,7 +32,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--variant", default="deeplabv3", help="a name from describe.py --list")
-    p.add_argument("--recipe", help="training protocol (default: the variant's, or shapes-cpu)")
+    p.add_argument("--recipe", help="training protocol (default: from the variant and the data)")
     p.add_argument("--dataset", help="a dataset spec name or a custom spec file")
     p.add_argument("--data-dir", help="TFRecords from datasets/ (default: built-in shapes)")
     p.add_argument("--model-dir", default="runs/deeplab", help="checkpoints, logs, results")
@@ -80,15 +83,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from deeplab_tf import training
-    from deeplab_tf.recipes import default_recipe, get_recipe
 
     try:
-        recipe = (
-            get_recipe(args.recipe) if args.recipe else default_recipe(args.variant, args.dataset)
-        )
-        recipe = training.recipe_with_overrides(
-            recipe,
-            {
+        recipe, sources = training.recipe_for_data(
+            args.variant,
+            args.data_dir,
+            recipe=args.recipe,
+            dataset=args.dataset,
+            overrides={
                 "train_split": args.train_split,
                 "val_split": args.val_split,
                 "crop_size": args.crop_size,
@@ -109,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         config = training.TrainConfig(
             variant=args.variant,
             recipe=recipe,
+            recipe_sources=sources,
             model_dir=args.model_dir,
             data_dir=args.data_dir,
             dataset=args.dataset,

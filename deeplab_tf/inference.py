@@ -460,7 +460,13 @@ def parse_scales(text: str) -> tuple[float, ...]:
 
 def add_predictor_arguments(parser) -> None:
     """The inference flags of ``evaluate.py`` and ``predict.py`` (argparse)."""
-    parser.add_argument("--checkpoint", required=True, help="a model directory or .keras file")
+    parser.add_argument(
+        "--checkpoint",
+        "--model-dir",
+        dest="checkpoint",
+        required=True,
+        help="a training model directory (its best.keras, else last.keras) or a .keras file",
+    )
     parser.add_argument("--variant", help="the checkpoint's variant (default: its config.json)")
     parser.add_argument(
         "--output-stride", type=int, choices=(8, 16, 32), help="rebuild at this stride"

@@ -1,16 +1,22 @@
 """Training protocols as data: a page of numbers from each paper.
 
 A ``Recipe`` holds everything ``train.py`` needs besides the architecture; every
-command-line flag overrides one field. ``default_recipe(variant, dataset)`` picks
-the paper's protocol for a variant, or the CPU protocol of the built-in
-``shapes`` dataset.
+command-line flag overrides one field. ``choose_recipe`` picks one from the variant
+and the dataset a TFRecord directory was built from (its manifest): the variant's
+paper protocol for that dataset, the CPU protocol of the built-in ``shapes``
+dataset, or for any other dataset a fine-tuning protocol derived from the paper's
+(``fine_tuning_recipe``). It also says where each number came from.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
+from deeplab_tf.data.sources import EXPECTED_COUNTS, splits_share_images
 from deeplab_tf.registry import lookup, make_registry
 from deeplab_tf.variants import get_variant
 
@@ -26,6 +32,9 @@ class Recipe:
         name: registry key (``train.py --recipe NAME``).
         paper: where the numbers come from.
         dataset, train_split, val_split: data (a spec name; splits of its TFRecords).
+            ``val_split`` None: no validation during training (a split holding every
+            labelled image, such as VOC trainval); it may share no image with
+            ``train_split`` (refused when declared).
         crop_size: training crop (513 in v3; 321 in v1/v2).
         batch_size: global batch size.
         steps: training iterations.
@@ -52,7 +61,7 @@ class Recipe:
     paper: str
     dataset: str
     train_split: str
-    val_split: str
+    val_split: str | None
     crop_size: int
     batch_size: int
     steps: int
@@ -77,6 +86,13 @@ class Recipe:
     checkpoint_every: int = 1000
 
     def __post_init__(self):
+        if self.val_split is not None and splits_share_images(
+            self.dataset, self.train_split, self.val_split
+        ):
+            raise ValueError(
+                f"recipe {self.name}: validation split {self.val_split!r} shares images with "
+                f"training split {self.train_split!r} of {self.dataset}"
+            )
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.lr_policy not in LR_POLICIES:
@@ -102,13 +118,16 @@ RECIPES: dict[str, Recipe] = make_registry(
         learning_rate=0.007,
     ),
     # v3 section 4.2 (test set): freeze BN, OS8, trainval, lr 0.001, 30K more steps,
-    # images with hard classes duplicated (bootstrapping).
+    # images with hard classes duplicated (bootstrapping). VOC has no labelled image
+    # outside trainval, so nothing is held out: no validation (the paper scored this
+    # stage on the test server).
     Recipe(
         name="v3-voc-trainval-os8",
-        paper="DeepLab v3, sections 4.1-4.2, stage 2 (start from stage 1 with --init-checkpoint)",
+        paper="DeepLab v3, sections 4.1-4.2, stage 2 (start from stage 1 with --init-checkpoint); "
+        "trainval holds every labelled VOC image: no validation",
         dataset="pascal_voc_2012",
         train_split="trainval",
-        val_split="val",
+        val_split=None,
         crop_size=513,
         batch_size=16,
         steps=30_000,
@@ -140,6 +159,20 @@ RECIPES: dict[str, Recipe] = make_registry(
         min_scale=1.0,
         max_scale=1.0,
         checkpoint_every=900,
+    ),
+    # v3 appendix C: "the same training protocol as before except that we employ 90K
+    # training iterations, crop size equal to 769" on the 2975 fine train images.
+    Recipe(
+        name="v3-cityscapes",
+        paper="DeepLab v3, appendix C (Cityscapes train fine: 90K steps, 769 crops)",
+        dataset="cityscapes",
+        train_split="train",
+        val_split="val",
+        crop_size=769,
+        batch_size=16,
+        steps=90_000,
+        output_stride=16,
+        learning_rate=0.007,
     ),
 )
 
@@ -237,7 +270,34 @@ RECIPES = make_registry(
     ),
 )
 
-# The paper protocol of each variant.
+# v2 section 4.4: Cityscapes at full resolution with "the same training protocol" as
+# VOC (Table 9: VGG-16 LargeFOV and ResNet-101); the paper gives no crop size: the VOC
+# 321 is kept.
+RECIPES = make_registry(
+    "recipe",
+    *RECIPES.values(),
+    Recipe(
+        name="v2-cityscapes",
+        paper="DeepLab v2, section 4.4 and Table 9 (VGG-16, VOC v2 protocol on Cityscapes; "
+        "crop not given: VOC's 321)",
+        **dict(_V2, dataset="cityscapes", train_split="train"),
+    ),
+    Recipe(
+        name="v2-cityscapes-resnet101",
+        paper="DeepLab v2, section 4.4 and Table 9 (ResNet-101, VOC v2 protocol on Cityscapes; "
+        "crop not given: VOC's 321)",
+        **dict(
+            _V2,
+            dataset="cityscapes",
+            train_split="train",
+            min_scale=0.5,  # as v2-voc-resnet101
+            max_scale=1.5,
+            freeze_bn=True,
+        ),
+    ),
+)
+
+# The paper protocol of each variant on PASCAL VOC 2012.
 _VARIANT_RECIPES = {
     "deeplabv3": "v3-voc-trainaug",
     "deeplabv3-resnet50": "v3-voc-trainaug",
@@ -259,20 +319,192 @@ _VARIANT_RECIPES = {
 }
 
 
+# Their Cityscapes protocols, where the paper has one: v3 appendix C; v2 section 4.4
+# (Table 9: VGG-16 LargeFOV and the ResNet-101 systems; the VGG-16 ASPP variants get
+# the same v2 VGG-16 protocol). Other pairs of variant and dataset (v1, Yu-Koltun,
+# custom data) get ``fine_tuning_recipe``.
+_CITYSCAPES_RECIPES = {  # by the variant's VOC recipe
+    "v3-voc-trainaug": "v3-cityscapes",
+    "v2-voc-poly": "v2-cityscapes",
+    "v2-voc-resnet101": "v2-cityscapes-resnet101",
+}
+_CITYSCAPES_VARIANTS = {"deeplabv1-largefov": "v2-cityscapes"}  # v2 Table 9's VGG-16 LargeFOV
+
+
 def get_recipe(name: str) -> Recipe:
     """The registered recipe ``name``; a ValueError lists the known ones."""
     return lookup(RECIPES, "recipe", name)
 
 
-def default_recipe(variant: str, dataset: str | None) -> Recipe:
-    """The shapes CPU recipe when no dataset (or ``shapes``) is given, else the
-    paper protocol of ``variant``. A second-stage variant (DeepLab-MSc, Yu-Koltun
-    context) keeps its stage on shapes too: only its new layers train."""
+def paper_recipe(variant: str) -> Recipe:
+    """The VOC protocol of ``variant``'s paper (v3's for the CPU variants)."""
     get_variant(variant)
-    paper = RECIPES[_VARIANT_RECIPES.get(variant, "v3-voc-trainaug")]
-    if dataset in (None, "shapes"):
+    return RECIPES[_VARIANT_RECIPES.get(variant, "v3-voc-trainaug")]
+
+
+def default_recipe(variant: str, dataset: str | None) -> Recipe:
+    """The protocol of ``variant`` on a registered dataset that has one: the shapes CPU
+    recipe for ``shapes`` (or None), else the paper's (VOC; Cityscapes for v3 and the
+    v2 systems). A second-stage variant (DeepLab-MSc, Yu-Koltun context) keeps its
+    stage on shapes too: only its new layers train. ValueError for a dataset without a
+    paper protocol for ``variant`` (``fine_tuning_recipe`` derives one)."""
+    recipe = _dataset_protocol(variant, dataset or "shapes")
+    if recipe is None:
+        raise ValueError(f"no paper protocol for {variant} on {dataset}")
+    return recipe
+
+
+def _dataset_protocol(variant: str, dataset: str) -> Recipe | None:
+    paper = paper_recipe(variant)
+    if dataset == "shapes":
         shapes = RECIPES["shapes-cpu"]
         if paper.train_only_new_layers:
             return dataclasses.replace(shapes, train_only_new_layers=True)
         return shapes
-    return paper
+    if dataset == "pascal_voc_2012":
+        return paper
+    name = _CITYSCAPES_VARIANTS.get(variant, _CITYSCAPES_RECIPES.get(paper.name))
+    return RECIPES[name] if dataset == "cityscapes" and name else None
+
+
+# Validations in a derived run: checkpoint_every = steps / this (at most the paper's).
+_VALIDATIONS_PER_RUN = 10
+
+
+def fine_tuning_recipe(
+    variant: str, dataset: str, splits: Mapping[str, Mapping[str, Any]]
+) -> tuple[Recipe, dict[str, str]]:
+    """The fine-tuning protocol of ``variant`` on a dataset without a paper protocol
+    (``splits``: the manifest's split entries), and where each derived field came from.
+
+    It is the variant's paper protocol (optimizer, learning rate, lr multipliers, batch
+    norm, augmentation, batch size, output stride) with the data's own numbers:
+
+    * splits: ``train`` (else the first built) and ``val`` when built and sharing no
+      image with it (else no validation);
+    * steps: as many epochs as the paper's run (steps x batch / its training images:
+      45 for v3 on VOC train_aug) over this split's images;
+    * crop: the paper's, or the largest image side when smaller, rounded up to
+      ``k * output_stride + 1`` (whole images: nothing is lost to the crop);
+    * lr policy: poly (power 0.9) also for step-policy papers, whose step boundaries
+      assume their own run length.
+    """
+    paper = paper_recipe(variant)
+    if not splits:
+        raise ValueError(f"dataset {dataset} has no built splits")
+    train_split = "train" if "train" in splits else sorted(splits)[0]
+    val_split = "val" if "val" in splits and train_split != "val" else None
+    shared = set(splits[train_split].get("names", ())) & set(
+        splits.get(val_split or "", {}).get("names", ())
+    )
+    if shared:
+        val_split = None
+    sources: dict[str, str] = {
+        "name": "derived: the paper protocol fine-tuned on this dataset",
+        "dataset": "manifest",
+        "train_split": "manifest: "
+        + ("its 'train' split" if train_split == "train" else "the first split built"),
+        "val_split": "manifest: "
+        + ("its 'val' split" if val_split else "no 'val' split apart from train: no validation"),
+    }
+    paper_images = EXPECTED_COUNTS[(paper.dataset, paper.train_split)]
+    epochs = paper.steps * paper.batch_size / paper_images
+    images = int(splits[train_split]["num_examples"])
+    steps = max(1, round(epochs * images / paper.batch_size))
+    sources["steps"] = (
+        f"derived: {epochs:.1f} epochs as {paper.name} ({paper.steps} x {paper.batch_size} "
+        f"/ {paper_images} images) over {images} images"
+    )
+    crop = paper.crop_size
+    size = splits[train_split].get("max_image_size")
+    if size:
+        stride = paper.output_stride
+        whole = math.ceil((max(size) - 1) / stride) * stride + 1
+        if whole < crop:
+            crop = whole
+            sources["crop_size"] = (
+                f"derived: largest image side {max(size)} (manifest) as k x {stride} + 1"
+            )
+    every = min(paper.checkpoint_every, max(1, math.ceil(steps / _VALIDATIONS_PER_RUN)))
+    sources["checkpoint_every"] = f"derived: {_VALIDATIONS_PER_RUN} validations per run"
+    if paper.lr_policy != "poly":
+        sources["lr_policy"] = "derived: poly (the paper's step boundaries assume its run)"
+    recipe = dataclasses.replace(
+        paper,
+        name=f"{paper.name}-finetune",
+        paper=f"fine-tuning on {dataset}, derived from {paper.paper}",
+        dataset=dataset,
+        train_split=train_split,
+        val_split=val_split,
+        steps=steps,
+        crop_size=crop,
+        lr_policy="poly",
+        checkpoint_every=every,
+    )
+    return recipe, sources
+
+
+def choose_recipe(
+    variant: str,
+    manifest: Mapping[str, Any] | None,
+    *,
+    recipe: str | None = None,
+    dataset: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    where: str = "--data-dir",
+) -> tuple[Recipe, dict[str, str]]:
+    """The recipe of a run and, for each field, where its value came from.
+
+    Args:
+        variant: the variant's name.
+        manifest: the data directory's ``manifest.json``; None for the built-in shapes
+            dataset (no ``--data-dir``).
+        recipe: ``--recipe``, a registered name; its dataset must be the manifest's.
+        dataset: ``--dataset``, a spec name; it must be the manifest's.
+        overrides: recipe fields set by flags (None values are ignored).
+        where: how messages name the data directory.
+
+    Raises:
+        ValueError: one line naming the flag and the datasets that disagree.
+    """
+    built = "shapes" if manifest is None else manifest["dataset"]["name"]
+    if dataset is not None and dataset != built:
+        if manifest is None:
+            raise ValueError(f"--data-dir is required for dataset {dataset!r}")
+        raise ValueError(f"--dataset {dataset} does not match {where}, built from {built!r}")
+    sources: dict[str, str] = {}
+    if recipe is not None:
+        chosen = get_recipe(recipe)
+        if chosen.dataset != built:
+            if manifest is None:
+                raise ValueError(f"--data-dir is required for dataset {chosen.dataset!r}")
+            raise ValueError(f"--recipe {recipe} is for {chosen.dataset}; {where} holds {built!r}")
+        origin = f"recipe {chosen.name} (--recipe)"
+    else:
+        chosen = _dataset_protocol(variant, built)
+        origin = f"recipe {getattr(chosen, 'name', '')} ({variant} on {built})"
+        if chosen is None:  # a manifest, since shapes has a protocol
+            chosen, sources = fine_tuning_recipe(variant, built, manifest["splits"])
+            origin = f"recipe {paper_recipe(variant).name} ({variant}'s paper protocol)"
+    names = [f.name for f in dataclasses.fields(Recipe)]
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    unknown = sorted(set(overrides) - set(names))
+    if unknown:
+        raise ValueError(f"unknown recipe fields {unknown}")
+    chosen = dataclasses.replace(chosen, **overrides)
+    for name in names:
+        if name in overrides:
+            sources[name] = f"flag --{name.replace('_', '-')}"
+    return chosen, {name: sources.get(name, origin) for name in names}
+
+
+def format_recipe(recipe: Recipe, sources: Mapping[str, str]) -> str:
+    """The block train.py prints at start: each field, its value and its source."""
+    names = [f.name for f in dataclasses.fields(Recipe) if f.name not in ("name", "paper")]
+    width = max(map(len, names))
+    lines = [f"recipe {recipe.name}: {recipe.paper}"]
+    for name in names:
+        value = getattr(recipe, name)
+        shown = "none" if value is None else str(value)
+        lines.append(f"  {name:<{width}}  {shown:<15}  {sources.get(name, '')}".rstrip())
+    return "\n".join(lines)

@@ -60,7 +60,7 @@ from deeplab_tf.model import (
     classifier_layer_names,
 )
 from deeplab_tf.multiscale import single_scale_model
-from deeplab_tf.recipes import Recipe
+from deeplab_tf.recipes import Recipe, choose_recipe, format_recipe
 from deeplab_tf.schedules import PolyDecay, StepDecay, build_optimizer
 from deeplab_tf.variants import Variant, get_variant
 
@@ -82,6 +82,8 @@ class TrainConfig:
     Attributes:
         variant: a name in ``deeplab_tf.VARIANTS`` (or a ``Variant``).
         recipe: the training protocol, with any command-line overrides applied.
+        recipe_sources: where each recipe field came from (``recipes.choose_recipe``),
+            printed at start and kept in config.json.
         model_dir: where the run writes (see the module docstring).
         data_dir: TFRecords of the recipe's dataset; None for the built-in shapes
             dataset, generated under ``data/shapes`` on first use.
@@ -111,6 +113,7 @@ class TrainConfig:
     recipe: Recipe
     model_dir: str
     data_dir: str | None = None
+    recipe_sources: dict[str, str] = dataclasses.field(default_factory=dict)
     dataset: str | None = None
     backbone_weights: str | None = None
     init_checkpoint: str | None = None
@@ -239,8 +242,39 @@ def freeze_batch_norm(model: keras.Model) -> int:
 # === Data ===
 
 
+def recipe_for_data(
+    variant: str,
+    data_dir: str | None,
+    *,
+    recipe: str | None = None,
+    dataset: str | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> tuple[Recipe, dict[str, str]]:
+    """The recipe of a run on ``data_dir`` (None: the built-in shapes dataset) and where
+    each field came from: ``recipes.choose_recipe`` on the directory's manifest."""
+    manifest = None
+    try:
+        if data_dir is not None:
+            if not Path(data_dir).is_dir():
+                raise TrainingError(f"--data-dir {data_dir}: no such directory")
+            manifest = read_manifest(data_dir)
+        return choose_recipe(
+            variant,
+            manifest,
+            recipe=recipe,
+            dataset=None if dataset is None else get_spec(dataset).name,
+            overrides=overrides,
+            where=f"--data-dir {data_dir}",
+        )
+    except ValueError as error:  # read_manifest names the file and what is wrong
+        raise TrainingError(str(error).splitlines()[0]) from error
+
+
 def resolve_data(config: TrainConfig) -> tuple[Path, DatasetSpec]:
-    """The TFRecord directory and dataset spec of a run, generating shapes if needed."""
+    """The TFRecord directory and dataset spec of a run, generating shapes if needed.
+
+    The recipe's dataset must be the directory's, and its validation split may share
+    no image with its training split (by the manifest's image names)."""
     recipe = config.recipe
     wanted = None if config.dataset is None else get_spec(config.dataset)
     if config.data_dir is None:
@@ -262,9 +296,23 @@ def resolve_data(config: TrainConfig) -> tuple[Path, DatasetSpec]:
             raise TrainingError(
                 f"--dataset {config.dataset} does not match {data_dir}, built from {spec.name!r}"
             )
-        for split in (recipe.train_split, recipe.val_split):
+        if recipe.dataset != spec.name:
+            raise TrainingError(
+                f"recipe {recipe.name} is for {recipe.dataset}; {data_dir} holds {spec.name!r}"
+            )
+        splits = [recipe.train_split] + ([recipe.val_split] if recipe.val_split else [])
+        for split in splits:
             if pipeline.num_examples(data_dir, split) < 1:
                 raise TrainingError(f"--data-dir {data_dir}: split {split!r} is empty")
+        entries = read_manifest(data_dir)["splits"]
+        shared = sorted(
+            set(entries[splits[0]].get("names", ())) & set(entries[splits[-1]].get("names", ()))
+        )
+        if len(splits) == 2 and shared:
+            raise TrainingError(
+                f"--val-split {recipe.val_split} shares {len(shared)} images with --train-split "
+                f"{recipe.train_split} (e.g. {shared[0]}): validation must be held out"
+            )
     except ValueError as error:  # read_manifest names the file and what is wrong
         raise TrainingError(str(error).splitlines()[0]) from error
     return data_dir, spec
@@ -526,7 +574,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
         recipe = dataclasses.replace(
             recipe, steps=config.epochs * math.ceil(examples / recipe.batch_size)
         )
-        config = dataclasses.replace(config, recipe=recipe)
+        sources = {**config.recipe_sources, "steps": f"flag --epochs {config.epochs}"}
+        config = dataclasses.replace(config, recipe=recipe, recipe_sources=sources)
     num_classes = spec.num_classes
 
     chief = is_chief(strategy)
@@ -537,14 +586,28 @@ def train(config: TrainConfig) -> dict[str, Any]:
     steps_per_epoch = min(recipe.checkpoint_every, recipe.steps)
     epochs = math.ceil(recipe.steps / steps_per_epoch)
     total_steps = epochs * steps_per_epoch
+    sources = {
+        name: config.recipe_sources.get(name, f"recipe {recipe.name}")
+        for name in dataclasses.asdict(recipe)
+    }
     if chief:
-        resolved = {**config.to_dict(), "data_dir": str(data_dir), "total_steps": total_steps}
+        # The absolute data path: evaluate.py --model-dir works from any directory, and
+        # a moved run directory keeps finding data that stayed.
+        resolved = {
+            **config.to_dict(),
+            "recipe_sources": sources,
+            "data_dir": str(data_dir.resolve()),
+            "total_steps": total_steps,
+        }
         write_json_atomic(write_dir / "config.json", resolved)
     if config.verbose:
-        print(f"training {config.variant_name} with recipe {recipe.name} ({recipe.paper})")
-        for key, value in dataclasses.asdict(recipe).items():
-            print(f"  {key}: {value}")
-        print(f"  replicas: {replicas}, total steps: {total_steps}, model dir: {model_dir}")
+        print(f"training {config.variant_name} on {data_dir} ({spec.name})")
+        print(format_recipe(recipe, sources))
+        validation = f"on {recipe.val_split}" if recipe.val_split else "none (no held-out split)"
+        print(
+            f"  replicas: {replicas}, total steps: {total_steps}, validation: {validation}, "
+            f"model dir: {model_dir}"
+        )
 
     class_weights = _class_weights(config, data_dir, num_classes)
     with strategy.scope():
@@ -570,6 +633,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
     if replicas > 1:
         train_data = strategy.distribute_datasets_from_function(train_input)
+    else:
+        train_data = train_input()
+    val_data, validation_steps = None, None
+    if recipe.val_split and replicas > 1:
         # Padded batches of one image per replica; padding is labelled 255, so the
         # valid mask is dropped.
         val_data = pipeline.eval_dataset(data_dir, recipe.val_split, batch_size=replicas)
@@ -579,11 +646,15 @@ def train(config: TrainConfig) -> dict[str, Any]:
             tf.data.experimental.AutoShardPolicy.DATA
         )
         val_data = val_data.with_options(options)
-    else:
-        train_data = train_input()
+    elif recipe.val_split:
         val_data = pipeline.eval_dataset(data_dir, recipe.val_split)
+    if recipe.val_split:
+        examples = pipeline.num_examples(data_dir, recipe.val_split)
+        validation_steps = math.ceil(examples / replicas)
 
-    samples = list(pipeline.eval_dataset(data_dir, recipe.val_split).take(4))
+    samples = []
+    if recipe.val_split:
+        samples = list(pipeline.eval_dataset(data_dir, recipe.val_split).take(4))
     same_size = len({tuple(x.shape) for x, _ in samples}) == 1
     callbacks: list[keras.callbacks.Callback] = [
         keras.callbacks.BackupAndRestore(str(write_dir / "backup"), double_checkpoint=True),
@@ -609,7 +680,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         epochs=epochs,
         steps_per_epoch=steps_per_epoch,
         validation_data=val_data,
-        validation_steps=math.ceil(pipeline.num_examples(data_dir, recipe.val_split) / replicas),
+        validation_steps=validation_steps,
         callbacks=callbacks,
         shuffle=False,  # the pipeline shuffles
         verbose=0,
@@ -617,20 +688,23 @@ def train(config: TrainConfig) -> dict[str, Any]:
     if model.stop_training and not model.optimizer.iterations.numpy() >= total_steps:
         raise TrainingError("training stopped early: the loss became NaN (see above)")
 
-    # The same evaluation as evaluate.py: whole images at the labels' full resolution.
-    evaluation = evaluate(Predictor(model), data_dir, recipe.val_split, progress=False)
-    keys = ("class_names", *SCORE_KEYS, "per_class_iou", "confusion_matrix")
     results = {
         "variant": config.variant_name,
         "recipe": recipe.name,
         "split": recipe.val_split,
         "steps": int(model.optimizer.iterations.numpy()),
-        **{key: evaluation.results[key] for key in keys},
     }
+    if recipe.val_split:
+        # The same evaluation as evaluate.py: whole images at the labels' full resolution.
+        evaluation = evaluate(Predictor(model), data_dir, recipe.val_split, progress=False)
+        keys = ("class_names", *SCORE_KEYS, "per_class_iou", "confusion_matrix")
+        results.update({key: evaluation.results[key] for key in keys})
     if chief:
         write_json_atomic(write_dir / "results.json", results)
-    if config.verbose:
+    if config.verbose and recipe.val_split:
         print(format_results(results))
+    elif config.verbose:
+        print(f"no validation split: score {model_dir} with evaluate.py on a held-out split")
     return results
 
 
@@ -663,15 +737,6 @@ def parse_int_list(text: str | None, flag: str) -> tuple[int, ...]:
         return tuple(int(v) for v in text.split(","))
     except ValueError as error:
         raise TrainingError(f"{flag} must be comma-separated integers, got {text!r}") from error
-
-
-def recipe_with_overrides(recipe: Recipe, overrides: dict[str, Any]) -> Recipe:
-    """``recipe`` with every non-None override; unknown keys are an error (strict)."""
-    fields = {f.name for f in dataclasses.fields(Recipe)}
-    unknown = sorted(set(overrides) - fields)
-    if unknown:
-        raise TrainingError(f"unknown recipe fields {unknown}")
-    return dataclasses.replace(recipe, **{k: v for k, v in overrides.items() if v is not None})
 
 
 __all__: Sequence[str] = [

@@ -167,6 +167,7 @@ def test_train_runs_a_v1_recipe_end_to_end(tmp_path):
     data_dir = ensure_shapes_tfrecords(tmp_path / "shapes", num_train=4, num_val=2, image_size=33)
     recipe = dataclasses.replace(
         default_recipe("deeplabv1-largefov", "pascal_voc_2012"),
+        dataset="shapes",  # the v1 protocol on shapes images
         train_split="train",
         crop_size=33,
         batch_size=2,

@@ -12,9 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import evaluate as evaluate_cli
 import train
 from deeplab_tf import get_variant
 from deeplab_tf.data.shapes import ensure_shapes_tfrecords
+from deeplab_tf.evaluation import evaluate
+from deeplab_tf.inference import Predictor
 from deeplab_tf.recipes import get_recipe
 from deeplab_tf.training import TrainConfig, TrainingError, check_config
 from deeplab_tf.training import train as run_training
@@ -55,11 +58,12 @@ def _history(model_dir: Path) -> list[dict[str, float]]:
 
 
 def test_loss_falls_and_miou_beats_chance(tiny_shapes, tmp_path):
-    """Fits the training images: the loss falls and the mean IoU beats predicting
-    the majority class everywhere (the chance level of this metric)."""
+    """Fits the training images: the loss falls and the mean IoU on them beats
+    predicting the majority class everywhere (the chance level of this metric). The
+    run itself validates on the held-out split, as every recipe must."""
     config = TrainConfig(
         variant=SMALL,
-        recipe=dataclasses.replace(TINY_RECIPE, val_split="train"),
+        recipe=TINY_RECIPE,
         model_dir=str(tmp_path / "run"),
         data_dir=str(tiny_shapes),
         verbose=0,
@@ -71,11 +75,37 @@ def test_loss_falls_and_miou_beats_chance(tiny_shapes, tmp_path):
     frequency = json.loads((tiny_shapes / "manifest.json").read_text())["splits"]["train"]
     frequency = np.array(frequency["class_pixel_frequency"])
     chance = frequency.max() / len(frequency)  # all background: IoU = its frequency, others 0
-    assert results["mean_iou"] > chance + 0.05, (results["mean_iou"], chance)
+    on_train = evaluate(Predictor(tmp_path / "run"), tiny_shapes, "train", progress=False)
+    assert on_train.results["mean_iou"] > chance + 0.05, (on_train.results["mean_iou"], chance)
+    assert results["split"] == "val" and 0 <= results["mean_iou"] <= 1
     assert results["steps"] == 150
     for name in ("best.keras", "last.keras", "results.json", "config.json", "history.csv"):
         assert (tmp_path / "run" / name).is_file()
     assert_tree_modes(tmp_path / "run")  # what mkdir and open give under umask 022
+
+
+def test_a_run_without_validation_moves_and_evaluates_from_anywhere(
+    tiny_shapes, tmp_path, monkeypatch, capsys
+):
+    """A recipe with no held-out split trains without validation (last.keras, no
+    scores); config.json keeps the data's absolute path, so the run directory, moved,
+    evaluates from another working directory."""
+    monkeypatch.chdir(tmp_path)
+    recipe = dataclasses.replace(TINY_RECIPE, val_split=None, steps=4, checkpoint_every=4)
+    relative = os.path.relpath(tiny_shapes, tmp_path)
+    results = run_training(TrainConfig(SMALL, recipe, "run", data_dir=relative, verbose=0))
+    assert results["split"] is None and "mean_iou" not in results
+    assert {"last.keras", "config.json"} <= set(os.listdir("run"))
+    assert not Path("run/best.keras").exists()
+    config = json.loads(Path("run/config.json").read_text())
+    assert config["data_dir"] == str(tiny_shapes.resolve())
+    assert config["recipe_sources"]["val_split"] == f"recipe {TINY_RECIPE.name}"
+    (tmp_path / "elsewhere").mkdir()
+    os.rename("run", tmp_path / "elsewhere" / "moved")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert evaluate_cli.main(["--model-dir", "moved", "--quiet", "--panels", "0"]) == 0
+    scores = json.loads(Path("moved/eval-val/results.json").read_text())
+    assert 0 <= scores["mean_iou"] <= 1 and scores["num_images"] == 8
 
 
 def test_finished_run_is_not_overwritten(tiny_shapes, tmp_path):

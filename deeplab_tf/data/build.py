@@ -220,6 +220,8 @@ def build_split(
     pixel_counts = np.zeros(256, np.int64)
     image_counts = np.zeros(256, np.int64)
     skipped: list[dict[str, str]] = []
+    names: list[str] = []
+    max_size = np.zeros(2, np.int64)
     bar = _Progress(split, len(pairs), progress)
     try:
         writer = tfrecord.ShardedWriter(out_dir, split, num_shards, overwrite)
@@ -238,6 +240,8 @@ def build_split(
             finally:
                 bar.update(i + 1)
             writer.write(record, i * num_shards // len(pairs))
+            names.append(pair.name)
+            max_size = np.maximum(max_size, label.shape)
             counts = np.bincount(label.ravel(), minlength=256)
             pixel_counts += counts
             image_counts += counts > 0
@@ -254,6 +258,10 @@ def build_split(
         "class_pixel_frequency": [round(c / max(labelled, 1), 8) for c in pixel_counts[:n]],
         "class_image_counts": image_counts[:n].tolist(),
         "ignore_pixel_count": int(pixel_counts[IGNORE_LABEL]),
+        # The largest height and width (a fine-tuning recipe's crop) and the image names
+        # (training refuses a validation split sharing images with its training split).
+        "max_image_size": max_size.tolist(),
+        "names": names,
     }
     tfrecord.write_manifest_split(out_dir, spec.to_dict(), split, entry)
     return entry

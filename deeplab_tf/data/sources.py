@@ -27,6 +27,37 @@ CITYSCAPES_EXPECTED_COUNTS = {
     ("gtCoarse", "train_extra"): 19998,
 }
 
+# The disjoint image sets each split of a registered dataset is made of: a validation
+# split must share none with its training split (``splits_share_images``; recipes are
+# checked when declared). Splits not listed here are their own set.
+SPLIT_PARTS: dict[str, dict[str, frozenset[str]]] = {
+    "pascal_voc_2012": {
+        "train": frozenset({"voc-train"}),
+        "val": frozenset({"voc-val"}),
+        "trainval": frozenset({"voc-train", "voc-val"}),
+        "train_aug": frozenset({"voc-train", "sbd-not-in-voc-val"}),
+    },
+    "cityscapes": {
+        "coarse_train": frozenset({"train"}),
+        "coarse_val": frozenset({"val"}),
+        "coarse_train_extra": frozenset({"train_extra"}),
+    },
+}
+# Training images of the complete splits the papers trained on (their epochs per step).
+EXPECTED_COUNTS: dict[tuple[str, str], int] = {
+    **{("pascal_voc_2012", split): n for split, n in VOC_EXPECTED_COUNTS.items()},
+    **{("cityscapes", split): n for (kind, split), n in CITYSCAPES_EXPECTED_COUNTS.items()
+       if kind == "gtFine"},
+}  # fmt: skip
+
+
+def splits_share_images(dataset: str, a: str, b: str) -> bool:
+    """Whether splits ``a`` and ``b`` of ``dataset`` hold images in common, by declaration
+    (``SPLIT_PARTS``); the manifest's image names check a built directory."""
+    parts = SPLIT_PARTS.get(dataset, {})
+    return bool(parts.get(a, frozenset({a})) & parts.get(b, frozenset({b})))
+
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 
 
