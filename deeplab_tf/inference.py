@@ -47,6 +47,7 @@ from deeplab_tf.backbones import transfer_weights
 from deeplab_tf.layers import ResizeBilinear, resize_bilinear_aligned
 from deeplab_tf.losses import resize_logits_bilinear
 from deeplab_tf.model import build_model
+from deeplab_tf.multiscale import single_scale_model
 from deeplab_tf.variants import VARIANTS, Variant, get_variant
 
 FUSIONS = ("mean", "max")
@@ -161,8 +162,8 @@ def load_checkpoint(path: str | os.PathLike, flag: str = "--checkpoint") -> kera
 
 
 def num_classes_of(model: keras.Model) -> int:
-    """The number of logit channels of a segmentation model."""
-    return int(model.outputs[0].shape[-1])
+    """The number of logit channels of a segmentation model (a multi-scale one's network's)."""
+    return int(single_scale_model(model).outputs[0].shape[-1])
 
 
 def logits_model(model: keras.Model) -> keras.Model:
@@ -208,8 +209,15 @@ def model_at_output_stride(
                 "change the output stride"
             )
         variant = model.name
+    variant = get_variant(variant) if isinstance(variant, str) else variant
+    # The Yu-Koltun front end's logit j covers pixels 8j..8j+7: only its own
+    # upsample-and-crop puts it there (a resize with corners aligned shifts it 3.5 px).
+    frontend = variant.backbone == "vgg16_frontend"
     target = build_model(
-        variant, num_classes_of(model), output_stride=output_stride, upsample_logits=upsample_logits
+        variant,
+        num_classes_of(model),
+        output_stride=output_stride,
+        upsample_logits=upsample_logits or frontend,
     )
     try:
         report = transfer_weights(model, target)

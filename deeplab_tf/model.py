@@ -35,6 +35,17 @@ from deeplab_tf.variants import Variant, get_variant
 DEFAULT_ATROUS_IMPLEMENTATION = "direct"
 
 
+def check_variant_output_stride(variant: Variant, output_stride: int) -> None:
+    """ValueError naming the variant if it cannot run at ``output_stride``: the VGG-16
+    networks (v1/v2, Yu-Koltun) have pool4/pool5 and fc6 built for stride 8 only."""
+    check_output_stride(output_stride)
+    if variant.backbone in VGG_BACKBONES and output_stride != 8:
+        raise ValueError(
+            f"{variant.name} runs at output stride 8 only (VGG-16 as the v1/v2 and "
+            f"Yu-Koltun papers built it), got output stride {output_stride}"
+        )
+
+
 def build_model(
     variant: str | Variant,
     num_classes: int,
@@ -74,7 +85,7 @@ def build_model(
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
     output_stride = variant.output_stride if output_stride is None else output_stride
-    check_output_stride(output_stride)
+    check_variant_output_stride(variant, output_stride)
     variant = dataclasses.replace(variant, output_stride=output_stride)
 
     if variant.input_scales:

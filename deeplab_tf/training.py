@@ -57,6 +57,7 @@ from deeplab_tf.model import (
     DEFAULT_ATROUS_IMPLEMENTATION,
     added_layer_names,
     build_model,
+    check_variant_output_stride,
     classifier_layer_names,
 )
 from deeplab_tf.multiscale import single_scale_model
@@ -529,6 +530,7 @@ def check_config(config: TrainConfig, replicas: int) -> None:
                 f"({', '.join(new_layers)}) to a trained first stage: pass --init-checkpoint "
                 "(or --no-train-only-new-layers to train everything)"
             )
+    check_variant_output_stride(variant, recipe.output_stride)
     if recipe.crop_size < recipe.output_stride:
         raise TrainingError(
             f"--crop-size {recipe.crop_size} is smaller than the output stride "

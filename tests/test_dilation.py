@@ -9,6 +9,7 @@ import tensorflow as tf
 
 import train
 from deeplab_tf import build_model, get_variant
+from deeplab_tf.inference import Predictor
 from deeplab_tf.layers import (
     ContextIdentity,
     ContextModule,
@@ -172,6 +173,26 @@ class TestFrontEnd:
         # Mirrored windows are summed in another order: the front end's float32 bound
         # (13 convolutions, fc6..fc8; fc6 sums 7x7x512 terms).
         assert_close_relative(y[1:], y[:1, :, ::-1], network_rtol(16, 49 * 512), varies=False)
+
+    def test_the_output_stride_switch_keeps_the_alignment(self):
+        """``--output-stride 8`` (its only stride) rebuilds the front end with its
+        upsample-and-crop: the probabilities of the model as trained. Another stride is
+        a one-line error naming the variant."""
+        keras.utils.set_random_seed(0)
+        variant = dataclasses.replace(get_variant("dilation-frontend"), **NARROW)
+        model = build_model(variant, 3)  # with its upsample-and-crop, as training saves it
+        # Untrained logits vary by about 1e-3: scaled to a few units, so that the
+        # probabilities of neighbouring pixels differ and a shift shows.
+        classifier = model.get_layer("logits")
+        classifier.kernel.assign(classifier.kernel * 3000.0)
+        image = rng.integers(0, 256, (37, 45, 3)).astype(np.uint8)
+        native = Predictor(model).predict(image)
+        rebuilt = Predictor(model, output_stride=8, variant=variant).predict(image)
+        # The same layers and weights through the same kernels: equal up to the
+        # softmax's last rounding (1e-6 is 8 eps at 1); a 3.5 px shift is far larger.
+        np.testing.assert_allclose(rebuilt, native, atol=1e-6)
+        with pytest.raises(ValueError, match="dilation-frontend runs at output stride 8 only"):
+            Predictor(model, output_stride=16, variant=variant)
 
     def test_upsampling_puts_each_logit_at_its_cell_centre(self, tmp_path):
         logits = rng.normal(size=(1, 3, 5, 2)).astype("float32")

@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 
 from deeplab_tf import build_model, get_variant
+from deeplab_tf.inference import Predictor, model_at_output_stride
 from deeplab_tf.losses import SoftmaxCrossEntropy
 from deeplab_tf.multiscale import MultiScaleInputs, single_scale_model
 from deeplab_tf.training import load_init_checkpoint
 from tests.helpers import assert_same_weights
-from tests.tolerances import network_rtol, sum_rtol
+from tests.tolerances import network_rtol, sum_rtol, sum_to_one_atol
 
 rng = np.random.default_rng(0)
 TINY = dataclasses.replace(get_variant("deeplabv3-mobilenetv2"), alpha=0.35, head_filters=16)
@@ -164,3 +165,29 @@ def test_single_scale_checkpoint_initialises_the_msc_network(tmp_path):
 def test_scales_must_start_at_1():
     with pytest.raises(ValueError, match=r"start with 1\.0"):
         dataclasses.replace(TINY, input_scales=(0.5, 1.0))
+
+
+def test_output_stride_switch_of_an_msc_variant():
+    """v2 MSC on a small ResNet (the quickstart's, at its native OS8): rebuilt at OS8
+    it gives the model's own probabilities; at OS16 the shared network gets OS16's
+    rates with every weight moved, and valid, different probabilities."""
+    keras.utils.set_random_seed(0)
+    variant = dataclasses.replace(
+        get_variant("deeplabv3-resnet10-cpu"), name="resnet10-msc", input_scales=SCALES
+    )
+    model = build_model(variant, 4)
+    image = np.random.default_rng(0).integers(0, 256, (41, 49, 3)).astype(np.uint8)
+    native = Predictor(model).predict(image)
+    same = Predictor(model, output_stride=8, variant=variant).predict(image)
+    # The same layers and weights through the same kernels: up to the softmax's last
+    # rounding (1e-6 is 8 eps at 1).
+    np.testing.assert_allclose(same, native, atol=1e-6)
+    os16 = model_at_output_stride(model, 16, variant)
+    network = single_scale_model(os16)
+    assert network.get_layer("aspp").rates == variant.aspp_rates_at(16)
+    assert single_scale_model(model).get_layer("aspp").rates == variant.aspp_rates_at(8)
+    for a, b in zip(os16.get_weights(), model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    coarse = Predictor(model, output_stride=16, variant=variant).predict(image)
+    np.testing.assert_allclose(coarse.sum(-1), 1.0, atol=sum_to_one_atol(4))
+    assert coarse.shape == native.shape and np.abs(coarse - native).max() > 1e-4

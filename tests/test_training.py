@@ -131,6 +131,10 @@ class TestBadInput:
             (["--dataset", "mnist"], "unknown dataset 'mnist'"),
             (["--crop-size", "8", "--output-stride", "16"], "--crop-size 8 is smaller than"),
             (["--recipe", "v3-voc-trainaug"], "--data-dir is required for dataset"),
+            (
+                ["--variant", "deeplabv1-largefov", "--output-stride", "16"],
+                "deeplabv1-largefov runs at output stride 8 only",
+            ),
         ],
     )
     def test_one_line_and_exit_2(self, capsys, tmp_path, args, message):

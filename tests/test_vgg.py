@@ -267,5 +267,7 @@ def test_even_4x4_fc6_kernel_is_centred(implementation, rate):
 
 
 def test_vgg_runs_at_output_stride_8_only():
-    with pytest.raises(ValueError, match="vgg16 runs at output stride 8 only"):
+    with pytest.raises(ValueError, match="deeplabv1-largefov runs at output stride 8 only"):
         build_model("deeplabv1-largefov", 3, output_stride=16)
+    with pytest.raises(ValueError, match="vgg16 runs at output stride 8 only"):
+        build_backbone("vgg16", output_stride=16)
