@@ -1,9 +1,10 @@
-# The two commands of the README. Each creates .venv and installs requirements.txt when needed.
+# The two commands of the README. Each creates .venv and installs requirements.txt (the pinned
+# lock of pyproject.toml's dependencies) when needed; the checkout itself runs, uninstalled.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: quickstart test lint bench
+.PHONY: quickstart test lint bench lock
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -33,3 +34,14 @@ lint: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) bench/atrous.py
+
+# Regenerates requirements.txt from pyproject.toml (its dependencies and the crf, serving
+# and test extras) in a scratch virtual environment: the newest releases the ranges allow.
+lock:
+	rm -rf .lock-venv
+	$(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/python -m pip install --upgrade pip
+	.lock-venv/bin/python -m pip install '.[test]'
+	{ echo "# Pinned lock of pyproject.toml for make quickstart / make test: make lock regenerates it."; \
+	  .lock-venv/bin/python -m pip freeze --all --exclude pip --exclude deeplab_tf; } > requirements.txt
+	rm -rf .lock-venv

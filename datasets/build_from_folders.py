@@ -1,67 +1,17 @@
-"""Build TFRecords from an images folder and a masks folder (custom data, no code).
+"""``deeplab-build-from-folders`` in a checkout (``--help``).
 
-Usage:
-    python datasets/build_from_folders.py --dataset my_dataset.yaml \
-        --images images/ --masks masks/ --split train=lists/train.txt \
-        --split val=lists/val.txt --output-dir data/my_dataset
-
-``--dataset`` is a registered name (e.g. pascal_voc_2012) or a JSON/YAML declaration
-(see deeplab_tf/data/specs.py). Images and masks are paired by file stem. Masks may be
-index PNGs, palette PNGs (their indices are used) or RGB colour masks, mapped back to
-class ids through the declaration's colours (``--mask-format rgb`` forces this,
-``index`` refuses colour masks). ``--split NAME=LIST`` takes the stems in LIST (one
-per line); ``--split NAME`` alone takes every image. Exit code 2 on bad input.
+The tool is deeplab_tf/cli/build_from_folders.py.
 """
 
-from __future__ import annotations
-
-import argparse
 import os
 import sys
-from collections.abc import Sequence
-from pathlib import Path
 
 # Run as a script from anywhere: make the repository root importable.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from deeplab_tf import console
-from deeplab_tf.data.build import MASK_FORMATS, add_common_args, build_split, run_cli
-from deeplab_tf.data.sources import folder_pairs
-from deeplab_tf.data.specs import get_spec
+from deeplab_tf.cli.build_from_folders import cli, main, parse_args
 
-
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], epilog=console.VERBOSE_HELP
-    )
-    parser.add_argument("--dataset", required=True, help="registered name or .json/.yaml file")
-    parser.add_argument("--images", required=True, type=Path, help="images directory")
-    parser.add_argument("--masks", required=True, type=Path, help="masks directory")
-    parser.add_argument(
-        "--split", action="append", default=None, metavar="NAME[=LIST]",
-        help="split name, optionally with a list file of stems (repeatable; default: train)",
-    )  # fmt: skip
-    parser.add_argument("--mask-format", choices=MASK_FORMATS, default="auto")
-    add_common_args(parser)
-    return parser.parse_args(argv)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-
-    def build() -> None:
-        spec = get_spec(args.dataset)
-        for item in args.split or ["train"]:
-            name, _, list_file = item.partition("=")
-            pairs = folder_pairs(args.images, args.masks, list_file or None)
-            build_split(
-                pairs, spec, args.output_dir, name,
-                num_shards=args.num_shards, skip_bad=args.skip_bad, overwrite=args.overwrite,
-                mask_format=args.mask_format, progress=not args.quiet,
-            )  # fmt: skip
-
-    return run_cli(build)
-
+__all__ = ["main", "parse_args"]
 
 if __name__ == "__main__":
-    sys.exit(console.run(main))
+    cli()

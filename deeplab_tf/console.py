@@ -116,6 +116,16 @@ def filter_stderr() -> None:
 
 
 def run(main: Callable[[], int | None]) -> int:
-    """A command-line tool's entry point: ``sys.exit(console.run(main))``."""
+    """Runs a command-line tool's ``main`` with TensorFlow's log lines filtered out."""
     filter_stderr()
     return main() or 0
+
+
+def entry_point(main: Callable[[], int | None]) -> Callable[[], None]:
+    """The installed script of a tool (``[project.scripts]``): runs ``main`` and exits
+    with its code."""
+
+    def cli() -> None:
+        sys.exit(run(main))
+
+    return cli

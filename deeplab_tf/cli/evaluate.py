@@ -1,0 +1,102 @@
+"""Evaluate a DeepLab checkpoint on a dataset split.
+
+    python evaluate.py --checkpoint runs/quickstart                      # its val split
+    python evaluate.py --checkpoint runs/v3-os8 --data-dir data/voc2012 --output-stride 8 \\
+        --scales v3 --flip --trimap 1,2,5,10,20,40                       # v3 Table 6 protocol
+    python evaluate.py --checkpoint runs/quickstart --trimap 1,2,5,10 \\
+        --crf --crf-params runs/quickstart/crf-val/crf_params.json       # before and after CRF
+
+Scores (mean IoU, per-class IoU, pixel accuracy, mean class accuracy, frequency-weighted
+IoU) at the labels' full resolution, optionally within bands around label boundaries
+(--trimap). Writes results.json, results.md, confusion_matrix.png, trimap.png and
+panels/ (image | ground truth | prediction) into --output-dir (default: eval-SPLIT in
+the checkpoint's directory) and prints the table. With --crf the network's probabilities
+of each image are also refined by the dense CRF (parameters from --crf-params, e.g.
+tune_crf.py's output, else the defaults) and every score is reported before and after it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from deeplab_tf import console
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from deeplab_tf.crf import add_crf_arguments
+    from deeplab_tf.inference import add_predictor_arguments
+
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog=console.VERBOSE_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_predictor_arguments(p)
+    p.add_argument("--data-dir", help="TFRecords (default: the checkpoint's training data)")
+    p.add_argument("--split", default="val")
+    p.add_argument("--trimap", help="band widths in pixels, e.g. 1,2,5,10,20,40")
+    p.add_argument(
+        "--trimap-from",
+        choices=("auto", "ignore", "edges"),
+        default="auto",
+        help="boundaries: the ignore band (auto where the dataset has one) or label edges",
+    )
+    p.add_argument("--max-images", type=int, help="only the first N images (a quick look)")
+    p.add_argument("--panels", type=int, default=8, help="image|label|prediction pictures")
+    p.add_argument("--output-dir", help="default: CHECKPOINT_DIR/eval-SPLIT")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output dir")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    add_crf_arguments(p)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from deeplab_tf import evaluation
+    from deeplab_tf.crf import crf_params_from_args
+    from deeplab_tf.inference import (
+        InferenceError,
+        data_dir_of,
+        predictor_from_args,
+        read_checkpoint_info,
+    )
+    from deeplab_tf.training import parse_int_list
+
+    try:
+        widths = parse_int_list(args.trimap, "--trimap")
+        if args.max_images is not None and args.max_images < 1:
+            raise InferenceError("--max-images must be positive")
+        crf_params = crf_params_from_args(args)
+        checkpoint = read_checkpoint_info(args.checkpoint)
+        output_dir = args.output_dir or checkpoint.path.parent / f"eval-{args.split}"
+        evaluation.check_output_dir(output_dir, args.overwrite)  # fail before the work
+        data_dir = data_dir_of(checkpoint, args.data_dir)
+        predictor = predictor_from_args(args)
+        print(f"evaluating {predictor.checkpoint.path} on {data_dir} {args.split}")
+        result = evaluation.evaluate(
+            predictor,
+            data_dir,
+            args.split,
+            trimap_widths=widths,
+            trimap_source=args.trimap_from,
+            max_images=args.max_images,
+            num_panels=args.panels,
+            progress=not args.quiet,
+            crf_params=crf_params,
+            crf_backend=args.crf_backend,
+            crf_workers=args.crf_workers,
+        )
+        evaluation.write_report(result, output_dir, overwrite=args.overwrite)
+    except ValueError as error:  # InferenceError, TrainingError and argument checks
+        print(f"error: {str(error).splitlines()[0]}", file=sys.stderr)
+        return 2
+    print(evaluation.format_results(result.results))
+    print(f"results, tables and pictures in {output_dir}")
+    return 0
+
+
+cli = console.entry_point(main)
+
+if __name__ == "__main__":
+    cli()

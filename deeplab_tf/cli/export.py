@@ -1,0 +1,107 @@
+"""Export a DeepLab checkpoint for TF Serving, TFLite and Python apps.
+
+    python export.py --model-dir runs/quickstart --format all --input-size 96
+    python export.py --checkpoint runs/v3/best.keras --variant deeplabv3 --output-stride 8 \\
+        --format savedmodel --export-dir /models --name deeplabv3 --version 3
+    python export.py --model-dir runs/quickstart --format tflite --quantize none float16 int8 \\
+        --representative-split train --evaluate-split val
+
+Writes EXPORT_DIR/NAME/VERSION/ (TF Serving's layout; default version: one more than
+the highest) with the SavedModel (signatures serving_default, predict_encoded,
+predict_example, classes), model_{float32,float16,int8}.tflite at --input-size (default:
+the training crop size), model.keras and export.json, into a temporary directory
+renamed when complete. An existing version is replaced only with --overwrite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from deeplab_tf import console
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog=console.VERBOSE_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model-dir", help="a training model directory (its best.keras)")
+    source.add_argument("--checkpoint", help="a .keras file (or a model directory)")
+    p.add_argument("--variant", help="the checkpoint's variant (default: its config.json)")
+    p.add_argument("--output-stride", type=int, choices=(8, 16, 32), help="export at this stride")
+    p.add_argument(
+        "--format", nargs="+", default=["savedmodel"], help="savedmodel, tflite, keras or all"
+    )
+    p.add_argument("--export-dir", default="exports", help="holds NAME/VERSION/")
+    p.add_argument("--name", help="the model's name (default: its variant)")
+    p.add_argument("--version", type=int, help="default: one more than the highest existing")
+    p.add_argument("--input-size", help="H or H,W of the TFLite models (default: the crop size)")
+    p.add_argument("--quantize", nargs="+", default=["none"], help="none, float16 and/or int8")
+    p.add_argument("--data-dir", help="TFRecords for int8 calibration (default: the training data)")
+    p.add_argument("--representative-split", default="train", help="int8 calibration images")
+    p.add_argument("--calibration-images", type=int, default=100)
+    p.add_argument("--evaluate-split", help="score the network and each TFLite file on it")
+    p.add_argument("--dataset", help="class names and colours (default: the checkpoint's data)")
+    p.add_argument(
+        "--crf",
+        nargs="?",
+        const="",
+        metavar="PARAMS_JSON",
+        help="add the dense CRF (TensorFlow backend) to the SavedModel, with these parameters",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing version")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from deeplab_tf import export, prediction
+    from deeplab_tf.inference import Predictor, read_checkpoint_info
+
+    try:
+        formats = export.parse_formats(args.format)
+        quantize = export.parse_quantize(args.quantize)
+        input_size = export.parse_input_size(args.input_size)
+        if args.calibration_images < 1:
+            raise export.ExportError("--calibration-images must be positive")
+        crf = export.load_crf(args.crf or None) if args.crf is not None else None
+        flag = "--model-dir" if args.model_dir else "--checkpoint"
+        checkpoint = read_checkpoint_info(args.model_dir or args.checkpoint, flag)
+        if input_size is None and "tflite" in formats and checkpoint.crop_size:
+            input_size = (checkpoint.crop_size, checkpoint.crop_size)
+        variant = args.variant or checkpoint.variant
+        name = args.name or getattr(variant, "name", variant)  # a Variant or a name
+        if name:  # fail before loading the model
+            export.resolve_version_dir(args.export_dir, name, args.version, args.overwrite)
+        predictor = Predictor(checkpoint.path, variant=variant, output_stride=args.output_stride)
+        name = name or predictor.model.name
+        result = export.export(
+            predictor,
+            args.export_dir,
+            formats=formats,
+            name=name,
+            version=args.version,
+            spec=prediction.resolve_spec(predictor, args.dataset),
+            input_size=input_size,
+            quantize=quantize,
+            data_dir=args.data_dir or checkpoint.data_dir,
+            representative_split=args.representative_split,
+            calibration_images=args.calibration_images,
+            evaluate_split=args.evaluate_split,
+            crf=crf,
+            overwrite=args.overwrite,
+        )
+    except ValueError as error:  # ExportError, InferenceError and argument checks
+        print(f"error: {str(error).splitlines()[0]}", file=sys.stderr)
+        return 2
+    print(export.format_summary(result))
+    return 0
+
+
+cli = console.entry_point(main)
+
+if __name__ == "__main__":
+    cli()
