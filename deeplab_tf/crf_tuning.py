@@ -33,7 +33,8 @@ from deeplab_tf import crf
 from deeplab_tf.data import pipeline
 from deeplab_tf.evaluation import split_for
 from deeplab_tf.files import atomic_file, write_text_atomic
-from deeplab_tf.inference import InferenceError, Predictor, Progress
+from deeplab_tf.inference import InferenceError, Predictor
+from deeplab_tf.progress import Progress
 
 CACHE_FILE = "probabilities.npz"
 PARAMS_FILE = "crf_params.json"

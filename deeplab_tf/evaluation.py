@@ -40,8 +40,9 @@ from deeplab_tf import crf, visualize
 from deeplab_tf.data import pipeline
 from deeplab_tf.data.specs import IGNORE_LABEL
 from deeplab_tf.files import replace_dir, temporary_dir
-from deeplab_tf.inference import InferenceError, Predictor, Progress
+from deeplab_tf.inference import InferenceError, Predictor
 from deeplab_tf.metrics import MeanIoU
+from deeplab_tf.progress import Progress
 
 TRIMAP_SOURCES = ("auto", "ignore", "edges")
 DEFAULT_TRIMAP_WIDTHS = (1, 2, 5, 10, 20, 40)

@@ -71,6 +71,7 @@ from deeplab_tf.files import replace_dir, temporary_dir, write_json_atomic
 from deeplab_tf.inference import InferenceError, Predictor
 from deeplab_tf.layers import ResizeBilinear, resize_bilinear_aligned
 from deeplab_tf.losses import resize_logits_bilinear
+from deeplab_tf.progress import track
 
 FORMATS = ("savedmodel", "tflite", "keras")
 QUANTIZATIONS = ("none", "float16", "int8")
@@ -345,6 +346,7 @@ def convert_tflite(
     saved_model_dir: str | os.PathLike,
     quantize: str = "none",
     representative: Sequence[np.ndarray] | None = None,
+    progress: bool = False,
 ) -> bytes:
     """A TFLite flatbuffer from ``save_fixed_size_model``'s SavedModel.
 
@@ -353,6 +355,7 @@ def convert_tflite(
         quantize: ``"none"`` (float32), ``"float16"`` (float16 weights) or ``"int8"``
             (full-integer operations, float32 input and outputs).
         representative: calibration images float32 [1, H, W, 3] (``int8`` only).
+        progress: show the calibration's progress (``deeplab_tf.progress``).
     """
     converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model_dir))
     if quantize == "float16":
@@ -362,7 +365,16 @@ def convert_tflite(
         if not representative:
             raise ExportError("int8 quantization needs representative images")
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        converter.representative_dataset = lambda: ([image] for image in representative)
+        converter.representative_dataset = lambda: (
+            [image]
+            for image in track(
+                representative,
+                len(representative),
+                "images",
+                enabled=progress,
+                title="int8 calibration",
+            )
+        )
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     elif quantize != "none":
         raise ExportError(f"--quantize must be one of {', '.join(QUANTIZATIONS)}, got {quantize!r}")
@@ -464,6 +476,7 @@ def export(
     crf=None,
     overwrite: bool = False,
     log=print,
+    progress: bool = True,
 ) -> Export:
     """Writes ``export_dir/name/version/`` (see the module docstring).
 
@@ -483,7 +496,8 @@ def export(
             (mean IoU at full label resolution) and record the drop in export.json.
         crf: ``load_crf()``'s refinement for the SavedModel, or None.
         overwrite: replace an existing version.
-        log: where progress lines go.
+        log: where the lines saying what is being done go.
+        progress: show the progress of scoring and int8 calibration.
     """
     from deeplab_tf import visualize  # PIL-only; kept out of the module's import time
 
@@ -542,7 +556,7 @@ def export(
         scores: dict[str, float] = {}
         if evaluate_split:
             log(f"scoring the network on {data_dir} {evaluate_split}")
-            scores["keras"] = _mean_iou(predictor, data_dir, evaluate_split)
+            scores["keras"] = _mean_iou(predictor, data_dir, evaluate_split, progress)
             manifest["evaluation"] = {"split": evaluate_split, "keras_mean_iou": scores["keras"]}
         if "tflite" in formats:
             fixed = tmp / ".tflite-savedmodel"
@@ -563,7 +577,7 @@ def export(
                     )
                 log(f"converting to TFLite ({tflite_file(mode)})")
                 target = tmp / tflite_file(mode)
-                target.write_bytes(convert_tflite(fixed, mode, representative))
+                target.write_bytes(convert_tflite(fixed, mode, representative, progress))
                 entry = _file_entry(target, tmp, quantize=mode)
                 if mode == "int8":
                     entry["calibration"] = {
@@ -571,7 +585,8 @@ def export(
                         "images": len(representative),
                     }
                 if evaluate_split:
-                    entry["mean_iou"] = _mean_iou(TFLitePredictor(target), data_dir, evaluate_split)
+                    tflite = TFLitePredictor(target)
+                    entry["mean_iou"] = _mean_iou(tflite, data_dir, evaluate_split, progress)
                     entry["mean_iou_drop"] = scores["keras"] - entry["mean_iou"]
                 entries["files"][mode] = entry
             shutil.rmtree(fixed)
@@ -589,8 +604,10 @@ def export(
     return Export(path, manifest)
 
 
-def _mean_iou(predictor: Predictor | TFLitePredictor, data_dir, split: str) -> float:
-    return float(evaluate(predictor, data_dir, split, progress=False).results["mean_iou"])
+def _mean_iou(
+    predictor: Predictor | TFLitePredictor, data_dir, split: str, progress: bool
+) -> float:
+    return float(evaluate(predictor, data_dir, split, progress=progress).results["mean_iou"])
 
 
 def format_summary(result: Export) -> str:

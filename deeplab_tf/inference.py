@@ -33,8 +33,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -506,37 +504,3 @@ def predictor_from_args(args) -> Predictor:
         tile_overlap=args.tile_overlap,
         jit_compile=args.jit_compile,
     )
-
-
-class Progress:
-    """Progress lines with rate and ETA, at most one every ``every_s`` seconds (and the last)."""
-
-    def __init__(self, total: int, what: str = "images", every_s: float = 10.0, stream=None):
-        self.total = total
-        self.what = what
-        self.every_s = every_s
-        self.stream = stream or sys.stdout
-        self.start = time.perf_counter()
-        self._last = -math.inf
-        self.done = 0
-
-    def update(self, done: int | None = None) -> None:
-        self.done = self.done + 1 if done is None else done
-        now = time.perf_counter()
-        if now - self._last < self.every_s and self.done < self.total:
-            return
-        self._last = now
-        elapsed = now - self.start
-        rate = self.done / elapsed if elapsed > 0 else 0.0
-        eta = (self.total - self.done) / rate if rate > 0 else 0.0
-        print(
-            f"{self.done}/{self.total} {self.what}, {rate:.2f} {self.what}/s, "
-            f"elapsed {_clock(elapsed)}, ETA {_clock(eta)}",
-            file=self.stream,
-            flush=True,
-        )
-
-
-def _clock(seconds: float) -> str:
-    seconds = round(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

@@ -38,6 +38,7 @@ from deeplab_tf.data.specs import DatasetSpec, get_spec
 from deeplab_tf.evaluation import check_output_dir
 from deeplab_tf.files import replace_dir, temporary_dir
 from deeplab_tf.inference import InferenceError, Predictor
+from deeplab_tf.progress import Progress
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 LEGENDS = ("overlay", "file", "none")
@@ -114,6 +115,7 @@ def predict_files(
     stream=None,
     crf_params: crf.CRFParams | None = None,
     crf_backend: str = "auto",
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Predicts every image of ``inputs`` into ``output_dir`` (see the module docstring).
 
@@ -129,6 +131,7 @@ def predict_files(
         stream: where progress and skipped inputs are reported (stderr for skips).
         crf_params: refine each image's probabilities with the dense CRF (None: no CRF).
         crf_backend: ``deeplab_tf.crf.BACKENDS``.
+        progress: show progress (``deeplab_tf.progress``; per image: summary.json).
 
     Returns:
         The summary also written as ``summary.json``.
@@ -174,6 +177,7 @@ def predict_files(
     try:
         if legend != "none":
             visualize.save_png(visualize.legend(class_names, colours), tmp / "legend.png")
+        meter = Progress(len(paths), "images", enabled=progress, stream=stream)
         for index, path in enumerate(paths, 1):
             start = time.perf_counter()
             try:
@@ -181,6 +185,7 @@ def predict_files(
             except OSError as error:
                 skipped.append((str(path), f"unreadable image ({error})"))
                 print(f"skipped {path}: unreadable image ({error})", file=sys.stderr, flush=True)
+                meter.update(index)
                 continue
             stem = _output_stem(path, used)
             outputs = {"mask": f"{stem}.png", "overlay": f"{stem}_overlay.jpg"}
@@ -222,12 +227,7 @@ def predict_files(
                     **outputs,
                 }
             )
-            print(
-                f"[{index}/{len(paths)}] {path} ({image.shape[0]}x{image.shape[1]}, "
-                f"{seconds:.2f} s): {', '.join(written[-1]['classes'])}",
-                file=stream,
-                flush=True,
-            )
+            meter.update(index)
         if not written:
             raise InferenceError(f"none of the {len(paths)} images could be read")
         summary = {

@@ -61,6 +61,7 @@ from deeplab_tf.model import (
     classifier_layer_names,
 )
 from deeplab_tf.multiscale import single_scale_model
+from deeplab_tf.progress import Progress, clock, on_terminal
 from deeplab_tf.recipes import Recipe, choose_recipe, format_recipe
 from deeplab_tf.schedules import PolyDecay, StepDecay, build_optimizer
 from deeplab_tf.variants import Variant, get_variant
@@ -284,7 +285,7 @@ def resolve_data(config: TrainConfig) -> tuple[Path, DatasetSpec]:
                 f"--data-dir is required for dataset {config.dataset or recipe.dataset!r} "
                 "(TFRecords from datasets/build_*.py)"
             )
-        data_dir = ensure_shapes_tfrecords(DEFAULT_SHAPES_ROOT)
+        data_dir = ensure_shapes_tfrecords(DEFAULT_SHAPES_ROOT, progress=bool(config.verbose))
         print(f"no --data-dir given: training on the built-in shapes dataset in {data_dir}")
     else:
         data_dir = Path(config.data_dir)
@@ -342,7 +343,9 @@ def _class_weights(config: TrainConfig, data_dir: Path, num_classes: int) -> lis
 
 
 class ProgressLogger(keras.callbacks.Callback):
-    """One line every ``every`` steps: step, loss, learning rate, images/s."""
+    """Training progress (``deeplab_tf.progress``): on a terminal a bar with the loss and
+    learning rate, else a line every ``every`` steps: step, loss, learning rate,
+    images/s and the time left."""
 
     def __init__(self, every: int, batch_size: int, total_steps: int, first_step: int = 0):
         super().__init__()
@@ -351,19 +354,27 @@ class ProgressLogger(keras.callbacks.Callback):
         self.total_steps = total_steps
         self.step = first_step
         self._start = None
+        self.bar = None
+        if on_terminal():
+            self.bar = Progress(total_steps, "steps")
+            self.bar.update(first_step)
 
     def on_train_batch_end(self, batch, logs=None):
         if self._start is None:  # skip the first step: it includes tracing
             self._start, self._start_step = time.perf_counter(), self.step
         self.step += 1
-        if self.step % self.every == 0 or self.step == self.total_steps:
+        loss = float((logs or {}).get("loss", float("nan")))
+        lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+        if self.bar is not None:
+            self.bar.update(self.step, values=[("loss", loss), ("lr", lr)])
+        elif self.step % self.every == 0 or self.step == self.total_steps:
             elapsed = time.perf_counter() - self._start
             done = self.step - self._start_step
-            rate = done * self.batch_size / elapsed if elapsed > 0 and done else 0.0
-            lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+            rate = done / elapsed if elapsed > 0 and done else 0.0
+            left = (self.total_steps - self.step) / rate if rate else 0.0
             print(
-                f"step {self.step}/{self.total_steps} loss {logs.get('loss', float('nan')):.4f} "
-                f"lr {lr:.2e} {rate:.1f} images/s",
+                f"step {self.step}/{self.total_steps} loss {loss:.4f} lr {lr:.2e} "
+                f"{rate * self.batch_size:.1f} images/s, left {clock(left)}",
                 flush=True,
             )
 

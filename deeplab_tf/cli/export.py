@@ -53,6 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="add the dense CRF (TensorFlow backend) to the SavedModel, with these parameters",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing version")
+    p.add_argument("--quiet", action="store_true", help="no progress (only the summary)")
     return p.parse_args(argv)
 
 
@@ -93,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
             evaluate_split=args.evaluate_split,
             crf=crf,
             overwrite=args.overwrite,
+            log=(lambda line: None) if args.quiet else print,
+            progress=not args.quiet,
         )
     except ValueError as error:  # ExportError, InferenceError and argument checks
         print(f"error: {str(error).splitlines()[0]}", file=sys.stderr)

@@ -31,6 +31,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, default=shapes.DEFAULTS["image_size"])
     parser.add_argument("--seed", type=int, default=shapes.DEFAULTS["seed"])
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    parser.add_argument("--quiet", action="store_true", help="no progress")
     return parser.parse_args(argv)
 
 
@@ -42,11 +43,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             shapes.generate_shapes(
                 args.output_dir, num_train=args.num_train, num_val=args.num_val,
                 image_size=args.image_size, seed=args.seed, overwrite=args.overwrite,
+                progress=not args.quiet,
             )  # fmt: skip
         except FileExistsError as e:
             raise BadInputError(str(e)) from None
         if args.tfrecord_dir is not None:
-            shapes.build_shapes_tfrecords(args.output_dir, args.tfrecord_dir, args.overwrite)
+            shapes.build_shapes_tfrecords(
+                args.output_dir, args.tfrecord_dir, args.overwrite, progress=not args.quiet
+            )
 
     return run_cli(make)
 

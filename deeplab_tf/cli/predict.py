@@ -34,6 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_predictor_arguments(p)
     p.add_argument("--output-dir", default="predictions")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output dir")
+    p.add_argument("--quiet", action="store_true", help="no progress")
     p.add_argument("--dataset", help="class names and colours (default: the checkpoint's data)")
     p.add_argument("--save-probabilities", action="store_true", help="NAME_probabilities.npy")
     p.add_argument("--alpha", type=float, default=0.5, help="opacity of the overlay colours")
@@ -70,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             legend=args.legend,
             crf_params=crf_params,
             crf_backend=args.crf_backend,
+            progress=not args.quiet,
         )
     except ValueError as error:  # InferenceError and the package's argument checks
         print(f"error: {str(error).splitlines()[0]}", file=sys.stderr)

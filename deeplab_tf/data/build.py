@@ -13,7 +13,6 @@ import io
 import logging
 import math
 import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from PIL import Image
 
 from deeplab_tf.data import tfrecord
 from deeplab_tf.data.specs import IGNORE_LABEL, DatasetSpec
+from deeplab_tf.progress import Progress
 
 logger = logging.getLogger("deeplab_tf.data")
 
@@ -147,21 +147,6 @@ def _one_line(e: BaseException) -> str:
 # === Building a split ===
 
 
-class _Progress:
-    """A line on stderr every few seconds for long builds."""
-
-    def __init__(self, split: str, total: int, enabled: bool) -> None:
-        self.split, self.total, self.enabled = split, total, enabled
-        self.start = self.last = time.monotonic()
-
-    def update(self, done: int) -> None:
-        now = time.monotonic()
-        if self.enabled and (now - self.last > 5 or done == self.total):
-            self.last = now
-            rate = done / max(now - self.start, 1e-9)
-            print(f"{self.split}: {done}/{self.total} images ({rate:.1f}/s)", file=sys.stderr)
-
-
 def build_split(
     pairs: Sequence[Pair],
     spec: DatasetSpec,
@@ -188,7 +173,7 @@ def build_split(
         overwrite: replace the split if its shards already exist.
         expected_count: the number of pairs a complete dataset lists for this split.
         mask_format: "auto", "index" or "rgb" (see :func:`read_label`).
-        progress: print progress lines to stderr.
+        progress: show progress (``deeplab_tf.progress``).
 
     Returns:
         The split's manifest entry.
@@ -222,7 +207,7 @@ def build_split(
     skipped: list[dict[str, str]] = []
     names: list[str] = []
     max_size = np.zeros(2, np.int64)
-    bar = _Progress(split, len(pairs), progress)
+    bar = Progress(len(pairs), "images", enabled=progress, title=f"building split {split}")
     try:
         writer = tfrecord.ShardedWriter(out_dir, split, num_shards, overwrite)
     except FileExistsError as e:

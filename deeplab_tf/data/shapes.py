@@ -33,6 +33,7 @@ from deeplab_tf.data import tfrecord
 from deeplab_tf.data.build import build_split
 from deeplab_tf.data.sources import voc_layout_pairs
 from deeplab_tf.data.specs import IGNORE_LABEL, SPECS
+from deeplab_tf.progress import track
 
 SPEC = SPECS["shapes"]
 PARAMS_FILE = "shapes.json"
@@ -155,6 +156,7 @@ def generate_shapes(
     image_size: int = DEFAULTS["image_size"],
     seed: int = DEFAULTS["seed"],
     overwrite: bool = False,
+    progress: bool = False,
 ) -> Path:
     """Writes the shapes dataset in VOC layout under ``root`` and returns ``root``.
 
@@ -176,7 +178,8 @@ def generate_shapes(
     try:
         for split, count in (("train", num_train), ("val", num_val)):
             ids = []
-            for i in range(count):
+            title = f"generating shapes {split}"
+            for i in track(range(count), count, "images", enabled=progress, title=title):
                 rng = np.random.default_rng([seed, _SPLIT_STREAMS[split], i])
                 image, label = render_example(rng, image_size)
                 name = f"{split}_{i:05d}"
@@ -205,15 +208,16 @@ def generate_shapes(
 
 
 def build_shapes_tfrecords(
-    raw_root: str | Path, out_dir: str | Path, overwrite: bool = False
+    raw_root: str | Path, out_dir: str | Path, overwrite: bool = False, progress: bool = False
 ) -> Path:
     """Builds the train and val TFRecords of a generated shapes tree."""
     for split in ("train", "val"):
-        build_split(voc_layout_pairs(raw_root, split), SPEC, out_dir, split, overwrite=overwrite)
+        pairs = voc_layout_pairs(raw_root, split)
+        build_split(pairs, SPEC, out_dir, split, overwrite=overwrite, progress=progress)
     return Path(out_dir)
 
 
-def ensure_shapes_tfrecords(root: str | Path, **params: Any) -> Path:
+def ensure_shapes_tfrecords(root: str | Path, progress: bool = False, **params: Any) -> Path:
     """Returns ``root/tfrecord`` holding the shapes TFRecords, generating them first if
     they are missing or were made with other ``params`` (see :func:`generate_shapes`)
     or another ``GENERATOR_VERSION``.
@@ -236,5 +240,5 @@ def ensure_shapes_tfrecords(root: str | Path, **params: Any) -> Path:
                 return out
         except ValueError:
             pass
-    generate_shapes(raw, overwrite=True, **wanted)
-    return build_shapes_tfrecords(raw, out, overwrite=True)
+    generate_shapes(raw, overwrite=True, progress=progress, **wanted)
+    return build_shapes_tfrecords(raw, out, overwrite=True, progress=progress)
