@@ -96,7 +96,8 @@ def test_the_wheel_runs_outside_the_repository(tmp_path):
     )
     (wheel,) = (tmp_path / "dist").glob("deeplab_tf-*.whl")
     prefix = tmp_path / "prefix"
-    subprocess.run([*pip, "install", "--no-deps", "--prefix", prefix, wheel], check=True)
+    install = [*pip, "install", "--no-deps", "--no-compile", "--prefix", prefix, wheel]
+    subprocess.run(install, check=True)
     site = Path(sysconfig.get_path("purelib", vars={"base": prefix, "platbase": prefix}))
     outside = tmp_path / "app"
     outside.mkdir()
@@ -110,8 +111,10 @@ def test_the_wheel_runs_outside_the_repository(tmp_path):
         assert done.returncode == 0, done.stderr[-2000:]
         return done.stdout
 
-    described = run(prefix / "bin" / "deeplab-describe", "deeplabv3")
+    # A small test image: the model is built and run once to report the logits' size.
+    described = run(prefix / "bin" / "deeplab-describe", "deeplabv3", "--input-size", "65")
     assert "58,201,749" in described  # v3's parameters with 21 classes (README)
+    assert "input 65x65 -> logits 5x5x21 at output stride 16" in described
     for name in sorted(SCRIPTS):
         assert (prefix / "bin" / f"deeplab-{name}").is_file()
 
