@@ -401,7 +401,6 @@ def fine_tuning_recipe(
         val_split = None
     sources: dict[str, str] = {
         "name": "derived: the paper protocol fine-tuned on this dataset",
-        "dataset": "manifest",
         "train_split": "manifest: "
         + ("its 'train' split" if train_split == "train" else "the first split built"),
         "val_split": "manifest: "
@@ -492,6 +491,9 @@ def choose_recipe(
     if unknown:
         raise ValueError(f"unknown recipe fields {unknown}")
     chosen = dataclasses.replace(chosen, **overrides)
+    sources["dataset"] = (
+        f"manifest of {where}" if manifest is not None else "built-in (no --data-dir)"
+    )
     for name in names:
         if name in overrides:
             sources[name] = f"flag --{name.replace('_', '-')}"
