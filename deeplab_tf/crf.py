@@ -601,10 +601,25 @@ def crf_tensorflow(images: Any, probabilities: Any, params: CRFParams | None = N
         raise ValueError(f"CRF images must be [B, H, W, 3], got {images.shape}")
     if probabilities.shape.rank != 4 or probabilities.shape[-1] is None:
         raise ValueError(f"CRF probabilities must be [B, H, W, C], got {probabilities.shape}")
+    if probabilities.shape[-1] < 2 or not probabilities.dtype.is_floating:
+        raise ValueError(
+            f"CRF probabilities must be floating point [B, H, W, C] with C >= 2, got "
+            f"{probabilities.dtype.name} {probabilities.shape}"
+        )
     tf.debugging.assert_equal(
         tf.shape(images)[:3],
         tf.shape(probabilities)[:3],
         message="CRF images and probabilities differ in batch or spatial size",
+    )
+    # As check_inputs (crf.refine): graph assertions, so a SavedModel checks too.
+    probabilities = tf.debugging.assert_all_finite(
+        tf.cast(probabilities, tf.float32), "CRF probabilities must be finite"
+    )
+    tf.debugging.assert_non_negative(probabilities, message="CRF probabilities must be >= 0")
+    tf.debugging.assert_less_equal(
+        tf.reduce_max(tf.abs(tf.reduce_sum(probabilities, -1) - 1.0)),
+        _SUM_TOLERANCE,
+        message="CRF probabilities must sum to 1 over classes (apply a softmax to logits)",
     )
     return _mean_field(
         images,

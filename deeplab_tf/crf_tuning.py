@@ -152,7 +152,7 @@ def cached_probabilities(
     print(f"computing the network's probabilities of {num_images} images", file=stream, flush=True)
     meter = Progress(num_images, "images", stream=stream) if progress else None
     data = []
-    for image, label in pipeline.eval_dataset(data_dir, split).take(num_images):
+    for image, label in pipeline.eval_examples(data_dir, split, num_images):
         image = np.clip(np.rint(image[0].numpy()), 0, 255).astype(np.uint8)
         data.append((image, predictor.predict(image), label[0].numpy().astype(np.uint8)))
         if meter:

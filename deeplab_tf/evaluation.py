@@ -251,7 +251,7 @@ def evaluate(
     requested = 0  # images whose panel is kept (with CRF, drawn once refined)
     meter = Progress(total, "images") if progress else None
     start = time.perf_counter()
-    for image, label in pipeline.eval_dataset(data_dir, split).take(total):
+    for image, label in pipeline.eval_examples(data_dir, split, total):
         image, label = image[0].numpy(), label[0].numpy()
         keep_panel = requested < num_panels
         requested += keep_panel

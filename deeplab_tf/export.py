@@ -79,6 +79,9 @@ KERAS_FILE = "model.keras"
 MANIFEST = "export.json"
 CRF_MISSING = "the TensorFlow CRF backend is not available in this build"
 # The SavedModel's signatures and their inputs (outputs: see the module docstring).
+# The largest image side the SavedModel's signatures accept (they run whole images):
+# export.py --max-image-size; export.json records it.
+DEFAULT_MAX_IMAGE_SIZE = 4096
 SIGNATURES = {
     "serving_default": tf.TensorSpec([None, None, None, 3], tf.uint8, name="images"),
     "predict_encoded": tf.TensorSpec([None], tf.string, name="image_bytes"),
@@ -194,9 +197,17 @@ def _outputs(probabilities: tf.Tensor) -> dict[str, tf.Tensor]:
 class _Signatures:
     """The functions behind the SavedModel's signatures (see the module docstring)."""
 
-    def __init__(self, predictor: Predictor, class_names: Sequence[str], palette: np.ndarray, crf):
+    def __init__(
+        self,
+        predictor: Predictor,
+        class_names: Sequence[str],
+        palette: np.ndarray,
+        crf,
+        max_image_size: int = DEFAULT_MAX_IMAGE_SIZE,
+    ):
         self.predictor = predictor
         self.crf = crf
+        self.max_image_size = max_image_size
         names = [""] * 256
         names[: len(class_names)] = list(class_names)
         names[IGNORE_LABEL] = "ignore"
@@ -205,6 +216,13 @@ class _Signatures:
 
     def probabilities(self, images: tf.Tensor) -> tf.Tensor:
         """float32 [N, h, w, C] of float32 images [N, h, w, 3] (pixels in [0, 255])."""
+        size = tf.shape(images)[1:3]
+        limit = self.max_image_size
+        message = f"images must be [N, H, W, 3] with 1 <= H, W <= {limit}; got [N, H, W, 3] ="
+        fits = tf.logical_and(tf.reduce_all(size >= 1), tf.reduce_all(size <= limit))
+        check = tf.debugging.Assert(fits, [message, tf.shape(images)], summarize=4)
+        with tf.control_dependencies([check]):
+            images = tf.identity(images)
         probabilities = self.predictor.batch_probabilities(images)
         return probabilities if self.crf is None else self.crf(images, probabilities)
 
@@ -291,6 +309,7 @@ def save_serving_model(
     class_names: Sequence[str],
     palette: np.ndarray,
     crf=None,
+    max_image_size: int = DEFAULT_MAX_IMAGE_SIZE,
 ) -> None:
     """Writes the SavedModel with the signatures of the module docstring to ``path``.
 
@@ -300,12 +319,14 @@ def save_serving_model(
         class_names: one per class.
         palette: uint8 [256, 3] colours by class id (``visualize.palette``).
         crf: ``load_crf()``'s refinement, or None.
+        max_image_size: the largest image side the signatures accept (whole images
+            run at once: a larger one would exhaust the server's memory).
     """
     if len(class_names) != predictor.num_classes:
         raise ExportError(
             f"{len(class_names)} class names for a model with {predictor.num_classes} classes"
         )
-    functions = _Signatures(predictor, class_names, palette, crf)
+    functions = _Signatures(predictor, class_names, palette, crf, max_image_size)
     archive = _archive()
     for name, spec in SIGNATURES.items():
         archive.add_endpoint(name, getattr(functions, name), input_signature=[spec])
@@ -477,6 +498,7 @@ def export(
     overwrite: bool = False,
     log=print,
     progress: bool = True,
+    max_image_size: int = DEFAULT_MAX_IMAGE_SIZE,
 ) -> Export:
     """Writes ``export_dir/name/version/`` (see the module docstring).
 
@@ -498,6 +520,7 @@ def export(
         overwrite: replace an existing version.
         log: where the lines saying what is being done go.
         progress: show the progress of scoring and int8 calibration.
+        max_image_size: the largest image side the SavedModel accepts.
     """
     from deeplab_tf import visualize  # PIL-only; kept out of the module's import time
 
@@ -547,9 +570,10 @@ def export(
     try:
         if "savedmodel" in formats:
             log(f"writing the SavedModel{' with the dense CRF' if crf else ''}")
-            save_serving_model(predictor, tmp, class_names, palette, crf)
+            save_serving_model(predictor, tmp, class_names, palette, crf, max_image_size)
             manifest["formats"]["savedmodel"] = {
                 "dir": ".",
+                "max_image_size": max_image_size,
                 "bytes": _dir_bytes(tmp),
                 "signatures": list(SIGNATURES),
             }

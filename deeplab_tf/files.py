@@ -22,10 +22,49 @@ from typing import IO, Any
 
 
 def temporary_name(path: str | os.PathLike, kind: str = "tmp", suffix: str = "") -> Path:
-    """A hidden, unused name beside ``path``: ``.NAME.KIND-PID-RANDOM`` + ``suffix``."""
+    """A hidden, unused name beside ``path``: ``.NAME.KIND-PID-RANDOM`` + ``suffix``.
+
+    The temporaries of ``path`` that a killed process left behind go first
+    (``remove_stale_temporaries``): rerunning a killed job leaves nothing over."""
     path = Path(path)
+    remove_stale_temporaries(path, kind)
     token = f"{os.getpid()}-{secrets.token_hex(3)}"
     return path.with_name(f".{path.name}.{kind}-{token}{suffix}")
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: str | os.PathLike, kind: str = "tmp") -> list[Path]:
+    """Removes the temporaries of ``path`` (``temporary_name``) whose process is no
+    longer running on this machine; returns them. A live process's are kept, so two
+    jobs writing beside each other are safe (on one machine: PIDs are local)."""
+    path = Path(path)
+    prefix = f".{path.name}.{kind}-"
+    try:
+        entries = [e for e in path.parent.iterdir() if e.name.startswith(prefix)]
+    except FileNotFoundError:
+        return []
+    removed = []
+    for entry in entries:
+        pid = entry.name[len(prefix) :].split("-")[0]
+        if not pid.isdigit() or _running(int(pid)):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
 
 
 def _fsync_dir(path: Path) -> None:

@@ -33,6 +33,7 @@ import dataclasses
 import json
 import math
 import os
+import zipfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -152,6 +153,11 @@ def load_checkpoint(path: str | os.PathLike, flag: str = "--checkpoint") -> kera
         )
     import deeplab_tf  # noqa: F401  (registers the custom layers for deserialisation)
 
+    if not zipfile.is_zipfile(checkpoint):  # Keras would say "File not found"
+        raise InferenceError(
+            f"{flag} {checkpoint}: not a complete .keras file (truncated or corrupt); "
+            "use the run's other checkpoint (last.keras / best.keras) or train again"
+        )
     try:
         return keras.models.load_model(checkpoint, compile=False)
     except Exception as error:  # Keras raises many types for a corrupt or foreign file

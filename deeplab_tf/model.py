@@ -301,3 +301,34 @@ def describe_model(
         f"x{logits.shape[3]} at output stride {stride} (upsampled to the input size in the model)"
     )
     return "\n".join(lines)
+
+
+# Tensors of more elements than this overflow TensorFlow's int32 index arithmetic in
+# several CPU kernels (reshape, resize): a clear error before, not a crash inside.
+MAX_TENSOR_ELEMENTS = 2**31 - 1
+
+
+def activation_elements(
+    variant: str | Variant, num_classes: int, output_stride: int, size: tuple[int, int]
+) -> tuple[int, int]:
+    """(sum, largest) of the elements of every layer output of one image of ``size``
+    through ``variant`` (nested models included; a multi-scale model's network at
+    scale 1 only, and not the inside of composite layers such as ASPP): a lower bound
+    on what one forward pass keeps for the backward pass, per image."""
+    if isinstance(variant, str):
+        variant = get_variant(variant)
+    variant = dataclasses.replace(variant, input_scales=())
+    model = build_model(variant, num_classes, output_stride, input_shape=(*size, 3))
+    total, largest = 0, 0
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        try:
+            outputs = keras.tree.flatten(layer.output)
+        except (AttributeError, ValueError):  # a layer inside a composite one: no node
+            continue
+        for output in outputs:
+            elements = 1
+            for dim in output.shape[1:]:
+                elements *= int(dim)
+            total += elements
+            largest = max(largest, elements)
+    return total, largest

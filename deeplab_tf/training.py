@@ -41,7 +41,7 @@ from deeplab_tf.backbones import transfer_weights
 from deeplab_tf.data import pipeline
 from deeplab_tf.data.shapes import ensure_shapes_tfrecords
 from deeplab_tf.data.specs import DatasetSpec, get_spec
-from deeplab_tf.data.tfrecord import read_manifest
+from deeplab_tf.data.tfrecord import corrupt_shard_error, read_manifest
 from deeplab_tf.evaluation import SCORE_KEYS, evaluate, format_results
 from deeplab_tf.files import save_model_atomic, write_json_atomic
 from deeplab_tf.inference import Predictor, resolve_checkpoint
@@ -55,6 +55,8 @@ from deeplab_tf.losses import (
 from deeplab_tf.metrics import MeanIoU
 from deeplab_tf.model import (
     DEFAULT_ATROUS_IMPLEMENTATION,
+    MAX_TENSOR_ELEMENTS,
+    activation_elements,
     added_layer_names,
     build_model,
     check_variant_output_stride,
@@ -542,18 +544,60 @@ def check_config(config: TrainConfig, replicas: int) -> None:
                 "(or --no-train-only-new-layers to train everything)"
             )
     check_variant_output_stride(variant, recipe.output_stride)
+    for flag, value in (("--batch-size", recipe.batch_size), ("--crop-size", recipe.crop_size)):
+        if value < 1:
+            raise TrainingError(f"{flag} must be positive, got {value}")
     if recipe.crop_size < recipe.output_stride:
         raise TrainingError(
             f"--crop-size {recipe.crop_size} is smaller than the output stride "
             f"{recipe.output_stride}"
         )
-    if recipe.batch_size < 1 or recipe.batch_size % replicas:
+    if recipe.batch_size % replicas:
         raise TrainingError(
             f"--batch-size {recipe.batch_size} is not divisible by the {replicas} replicas "
             "(the batch size is global)"
         )
     if recipe.steps < 1 or recipe.checkpoint_every < 1:
         raise TrainingError("--steps and the checkpoint interval must be positive")
+
+
+def physical_memory() -> int | None:
+    """Bytes of memory of this machine (None where the system does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory(config: TrainConfig, replicas: int) -> None:
+    """Refuses, before any work, a crop and batch whose first step cannot fit: (training
+    on the CPU) more activations than the machine has memory, or a layer output past
+    the int32 element count of TensorFlow's 32-bit-indexed (GPU) kernels. The estimate
+    is a lower bound (every layer output of the forward pass, kept for the backward
+    pass), so nothing that fits is refused; on GPUs the allocator's own out-of-memory
+    error is reported instead."""
+    recipe = config.recipe
+    size = (recipe.crop_size, recipe.crop_size)
+    # One class: a lower bound for any dataset, known before the data is read.
+    per_image, largest = activation_elements(config.resolved_variant, 1, recipe.output_stride, size)
+    flags = f"--crop-size {recipe.crop_size} with --batch-size {recipe.batch_size}"
+    memory = physical_memory()
+    if memory is not None and not tf.config.list_logical_devices("GPU"):
+        bytes_per_element = 2 if config.mixed_precision else 4
+        need = per_image * recipe.batch_size * bytes_per_element
+        if need > memory:
+            raise TrainingError(
+                f"{flags}: the first step keeps at least {need / 2**30:.1f} GiB of activations "
+                f"({config.variant_name} at output stride {recipe.output_stride}); this "
+                f"machine has {memory / 2**30:.1f} GiB"
+            )
+    per_replica = recipe.batch_size // replicas
+    if largest * per_replica > MAX_TENSOR_ELEMENTS:
+        raise TrainingError(
+            f"{flags}: a layer output of {largest * per_replica:,} elements, more than the "
+            f"{MAX_TENSOR_ELEMENTS:,} that TensorFlow's 32-bit-indexed kernels take; use a "
+            "smaller crop or batch"
+        )
 
 
 def train(config: TrainConfig) -> dict[str, Any]:
@@ -563,13 +607,12 @@ def train(config: TrainConfig) -> dict[str, Any]:
         TrainingError: a bad setting or input (one line, naming the flag or file).
     """
     model_dir = Path(config.model_dir)
-    if (model_dir / "results.json").exists() and not (model_dir / "backup").exists():
-        if not config.overwrite:
-            raise TrainingError(
-                f"--model-dir {model_dir} holds a finished run; pass --overwrite or choose "
-                "another directory"
-            )
-        shutil.rmtree(model_dir)  # asked for: the finished run goes, nothing of it is mixed in
+    finished = (model_dir / "results.json").exists() and not (model_dir / "backup").exists()
+    if finished and not config.overwrite:
+        raise TrainingError(
+            f"--model-dir {model_dir} holds a finished run; pass --overwrite or choose "
+            "another directory"
+        )
     strategy = create_strategy(config.strategy)  # first: multi-worker needs a fresh runtime
     if config.seed is not None:
         keras.utils.set_random_seed(config.seed)
@@ -578,6 +621,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         keras.mixed_precision.set_global_policy("mixed_float16" if gpu else "mixed_bfloat16")
     replicas = strategy.num_replicas_in_sync
     check_config(config, replicas)
+    check_memory(config, replicas)
     data_dir, spec = resolve_data(config)
     recipe = config.recipe
     if config.epochs is not None:
@@ -590,6 +634,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
         sources = {**config.recipe_sources, "steps": f"flag --epochs {config.epochs}"}
         config = dataclasses.replace(config, recipe=recipe, recipe_sources=sources)
     num_classes = spec.num_classes
+    # Every check is done: only now does anything in the model directory change.
+    if finished or _other_run(config, model_dir, spec):
+        shutil.rmtree(model_dir)  # asked for (--overwrite): nothing of the old run is mixed in
 
     chief = is_chief(strategy)
     # Non-chief workers write to a scratch directory (Keras's multi-worker convention).
@@ -610,6 +657,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
             **config.to_dict(),
             "recipe_sources": sources,
             "data_dir": str(data_dir.resolve()),
+            "dataset_name": spec.name,
+            "num_classes": num_classes,
             "total_steps": total_steps,
         }
         write_json_atomic(write_dir / "config.json", resolved)
@@ -688,16 +737,21 @@ def train(config: TrainConfig) -> dict[str, Any]:
             ProgressLogger(config.log_every, recipe.batch_size, total_steps, first_step)
         )
 
-    model.fit(
-        train_data,
-        epochs=epochs,
-        steps_per_epoch=steps_per_epoch,
-        validation_data=val_data,
-        validation_steps=validation_steps,
-        callbacks=callbacks,
-        shuffle=False,  # the pipeline shuffles
-        verbose=0,
-    )
+    try:
+        model.fit(
+            train_data,
+            epochs=epochs,
+            steps_per_epoch=steps_per_epoch,
+            validation_data=val_data,
+            validation_steps=validation_steps,
+            callbacks=callbacks,
+            shuffle=False,  # the pipeline shuffles
+            verbose=0,
+        )
+    except tf.errors.DataLossError as error:
+        then = f"rerun the same command: it resumes from {write_dir / 'backup'}"
+        splits = [recipe.train_split] + ([recipe.val_split] if recipe.val_split else [])
+        raise TrainingError(str(corrupt_shard_error(data_dir, splits, error, then))) from None
     if model.stop_training and not model.optimizer.iterations.numpy() >= total_steps:
         raise TrainingError("training stopped early: the loss became NaN (see above)")
 
@@ -719,6 +773,29 @@ def train(config: TrainConfig) -> dict[str, Any]:
     elif config.verbose:
         print(f"no validation split: score {model_dir} with evaluate.py on a held-out split")
     return results
+
+
+def _other_run(config: TrainConfig, model_dir: Path, spec: DatasetSpec) -> bool:
+    """Whether ``model_dir`` holds an unfinished run (a backup) of another variant,
+    dataset or number of classes: True to replace it with ``--overwrite``, else a
+    one-line error before anything is written (its backup cannot be resumed)."""
+    old_file = model_dir / "config.json"
+    if not (model_dir / "backup").exists() or not old_file.is_file():
+        return False
+    old = json.loads(old_file.read_text())
+    new = {"variant": config.to_dict()["variant"], "dataset_name": spec.name,
+           "num_classes": spec.num_classes}  # fmt: skip
+    differ = [key for key, value in new.items() if key in old and old[key] != value]
+    if not differ:
+        return False  # the same run: resume it
+    if config.overwrite:
+        return True
+    name = old["variant"] if isinstance(old["variant"], str) else old["variant"].get("name")
+    raise TrainingError(
+        f"--model-dir {model_dir} holds an unfinished run of {name} on "
+        f"{old.get('dataset_name', old.get('recipe', {}).get('dataset'))} (other "
+        f"{', '.join(differ)}): rerun its command to resume it, or pass --overwrite"
+    )
 
 
 def _backed_up_epoch(backup_dir: Path) -> int:

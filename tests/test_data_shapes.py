@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 
 import numpy as np
@@ -140,11 +141,22 @@ def test_ensure_builds_once_and_rebuilds_on_other_parameters(tmp_path):
         shapes.ensure_shapes_tfrecords(tmp_path, size=3)
 
 
-def test_cli_refuses_to_overwrite(tmp_path, capsys):
+def test_cli_reruns_continue_and_other_settings_need_overwrite(tmp_path, capsys):
     argv = ["--output-dir", str(tmp_path / "raw"), "--num-train", "2", "--num-val", "1",
             "--tfrecord-dir", str(tmp_path / "tf")]  # fmt: skip
     assert make_shapes.main(argv) == 0
     assert (tmp_path / "tf" / "manifest.json").is_file()
-    assert make_shapes.main(argv) == 2
+    files = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+    # The same command again (as after a kill): everything done is kept, nothing left over.
+    shutil.rmtree(tmp_path / "tf")  # killed before the TFRecords were written
+    assert make_shapes.main(argv) == 0
+    assert "already generated with these settings, kept" in capsys.readouterr().out
+    assert {p: files[p] for p in files if "raw" in p.parts} == {
+        p: p.stat().st_mtime_ns for p in files if "raw" in p.parts
+    }
+    assert (tmp_path / "tf" / "manifest.json").is_file()
+    assert not [p for p in tmp_path.rglob(".*")]
+    other = [*argv[:3], "3", *argv[4:]]  # --num-train 3
+    assert make_shapes.main(other) == 2
     assert "raw: already exists; pass --overwrite" in capsys.readouterr().err
-    assert make_shapes.main([*argv, "--overwrite"]) == 0
+    assert make_shapes.main([*other, "--overwrite"]) == 0

@@ -129,3 +129,4 @@ def test_killed_export_leaves_no_version_directory(model_dir, tmp_path, capsys):
                         "--format", "keras")  # fmt: skip
     assert code == 0, err  # the leftover temporary directory is no version
     assert (base / "1" / "model.keras").is_file()
+    assert not list(base.glob(".*"))  # and the rerun removed the killed one's temporary

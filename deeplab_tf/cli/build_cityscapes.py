@@ -19,13 +19,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from deeplab_tf import console
-from deeplab_tf.data.build import add_common_args, build_split, run_cli
+from deeplab_tf.data.build import add_common_args, build_split
 from deeplab_tf.data.sources import CITYSCAPES_EXPECTED_COUNTS, CITYSCAPES_SPLITS, cityscapes_pairs
 from deeplab_tf.data.specs import SPECS
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = console.ArgumentParser(
         description=__doc__.splitlines()[0], epilog=console.VERBOSE_HELP
     )
     parser.add_argument("--cityscapes-root", required=True, type=Path)
@@ -33,9 +33,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--coarse", action="store_true", help="use gtCoarse annotations")
     parser.add_argument("--no-count-check", action="store_true", help="allow partial data")
     add_common_args(parser)
+    console.add_verbose_argument(parser)
     return parser.parse_args(argv)
 
 
+@console.handles_errors
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     annotations = "gtCoarse" if args.coarse else "gtFine"
@@ -52,7 +54,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 progress=not args.quiet,
             )  # fmt: skip
 
-    return run_cli(build)
+    build()
+    return 0
 
 
 cli = console.entry_point(main)

@@ -20,13 +20,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from deeplab_tf import console
-from deeplab_tf.data.build import MASK_FORMATS, add_common_args, build_split, run_cli
+from deeplab_tf.data.build import MASK_FORMATS, add_common_args, build_split
 from deeplab_tf.data.sources import folder_pairs
 from deeplab_tf.data.specs import get_spec
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = console.ArgumentParser(
         description=__doc__.splitlines()[0], epilog=console.VERBOSE_HELP
     )
     parser.add_argument("--dataset", required=True, help="registered name or .json/.yaml file")
@@ -38,9 +38,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument("--mask-format", choices=MASK_FORMATS, default="auto")
     add_common_args(parser)
+    console.add_verbose_argument(parser)
     return parser.parse_args(argv)
 
 
+@console.handles_errors
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
 
@@ -55,7 +57,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 mask_format=args.mask_format, progress=not args.quiet,
             )  # fmt: skip
 
-    return run_cli(build)
+    build()
+    return 0
 
 
 cli = console.entry_point(main)

@@ -14,7 +14,7 @@ from deeplab_tf import console
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = console.ArgumentParser(
         description=__doc__.splitlines()[0], epilog=console.VERBOSE_HELP
     )
     parser.add_argument("--list", action="store_true", help="list the variants and exit")
@@ -25,6 +25,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--input-size", type=int, nargs="+", default=[513], help="H [W] of the test image"
     )
+    console.add_verbose_argument(parser)
     args = parser.parse_args(argv)
     if args.name and args.variant and args.name != args.variant:
         parser.error(f"two variants given: {args.name} and --variant {args.variant}")
@@ -32,6 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+@console.handles_errors
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from deeplab_tf import VARIANTS
@@ -45,11 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --input-size takes H or H W", file=sys.stderr)
         return 2
     size = (args.input_size[0], args.input_size[-1])
-    try:
-        print(describe_model(args.variant, args.num_classes, args.output_stride, size))
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    print(describe_model(args.variant, args.num_classes, args.output_stride, size))
     return 0
 
 

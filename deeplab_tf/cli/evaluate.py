@@ -18,7 +18,6 @@ tune_crf.py's output, else the defaults) and every score is reported before and 
 from __future__ import annotations
 
 import argparse
-import sys
 
 from deeplab_tf import console
 
@@ -27,7 +26,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from deeplab_tf.crf import add_crf_arguments
     from deeplab_tf.inference import add_predictor_arguments
 
-    p = argparse.ArgumentParser(
+    p = console.ArgumentParser(
         description=__doc__.splitlines()[0],
         epilog=console.VERBOSE_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -48,9 +47,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output dir")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     add_crf_arguments(p)
+    console.add_verbose_argument(p)
     return p.parse_args(argv)
 
 
+@console.handles_errors
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from deeplab_tf import evaluation
@@ -63,34 +64,30 @@ def main(argv: list[str] | None = None) -> int:
     )
     from deeplab_tf.training import parse_int_list
 
-    try:
-        widths = parse_int_list(args.trimap, "--trimap")
-        if args.max_images is not None and args.max_images < 1:
-            raise InferenceError("--max-images must be positive")
-        crf_params = crf_params_from_args(args)
-        checkpoint = read_checkpoint_info(args.checkpoint)
-        output_dir = args.output_dir or checkpoint.path.parent / f"eval-{args.split}"
-        evaluation.check_output_dir(output_dir, args.overwrite)  # fail before the work
-        data_dir = data_dir_of(checkpoint, args.data_dir)
-        predictor = predictor_from_args(args)
-        print(f"evaluating {predictor.checkpoint.path} on {data_dir} {args.split}")
-        result = evaluation.evaluate(
-            predictor,
-            data_dir,
-            args.split,
-            trimap_widths=widths,
-            trimap_source=args.trimap_from,
-            max_images=args.max_images,
-            num_panels=args.panels,
-            progress=not args.quiet,
-            crf_params=crf_params,
-            crf_backend=args.crf_backend,
-            crf_workers=args.crf_workers,
-        )
-        evaluation.write_report(result, output_dir, overwrite=args.overwrite)
-    except ValueError as error:  # InferenceError, TrainingError and argument checks
-        print(f"error: {str(error).splitlines()[0]}", file=sys.stderr)
-        return 2
+    widths = parse_int_list(args.trimap, "--trimap")
+    if args.max_images is not None and args.max_images < 1:
+        raise InferenceError("--max-images must be positive")
+    crf_params = crf_params_from_args(args)
+    checkpoint = read_checkpoint_info(args.checkpoint)
+    output_dir = args.output_dir or checkpoint.path.parent / f"eval-{args.split}"
+    evaluation.check_output_dir(output_dir, args.overwrite)  # fail before the work
+    predictor = predictor_from_args(args)  # a broken checkpoint first, then its data
+    data_dir = data_dir_of(checkpoint, args.data_dir)
+    print(f"evaluating {predictor.checkpoint.path} on {data_dir} {args.split}")
+    result = evaluation.evaluate(
+        predictor,
+        data_dir,
+        args.split,
+        trimap_widths=widths,
+        trimap_source=args.trimap_from,
+        max_images=args.max_images,
+        num_panels=args.panels,
+        progress=not args.quiet,
+        crf_params=crf_params,
+        crf_backend=args.crf_backend,
+        crf_workers=args.crf_workers,
+    )
+    evaluation.write_report(result, output_dir, overwrite=args.overwrite)
     print(evaluation.format_results(result.results))
     print(f"results, tables and pictures in {output_dir}")
     return 0

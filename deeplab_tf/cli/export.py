@@ -16,13 +16,13 @@ renamed when complete. An existing version is replaced only with --overwrite.
 from __future__ import annotations
 
 import argparse
-import sys
 
 from deeplab_tf import console
+from deeplab_tf.export import DEFAULT_MAX_IMAGE_SIZE
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = console.ArgumentParser(
         description=__doc__.splitlines()[0],
         epilog=console.VERBOSE_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -54,52 +54,58 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing version")
     p.add_argument("--quiet", action="store_true", help="no progress (only the summary)")
+    p.add_argument(
+        "--max-image-size",
+        type=int,
+        default=DEFAULT_MAX_IMAGE_SIZE,
+        help="the largest image side the SavedModel accepts (it runs whole images)",
+    )
+    console.add_verbose_argument(p)
     return p.parse_args(argv)
 
 
+@console.handles_errors
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from deeplab_tf import export, prediction
     from deeplab_tf.inference import Predictor, read_checkpoint_info
 
-    try:
-        formats = export.parse_formats(args.format)
-        quantize = export.parse_quantize(args.quantize)
-        input_size = export.parse_input_size(args.input_size)
-        if args.calibration_images < 1:
-            raise export.ExportError("--calibration-images must be positive")
-        crf = export.load_crf(args.crf or None) if args.crf is not None else None
-        flag = "--model-dir" if args.model_dir else "--checkpoint"
-        checkpoint = read_checkpoint_info(args.model_dir or args.checkpoint, flag)
-        if input_size is None and "tflite" in formats and checkpoint.crop_size:
-            input_size = (checkpoint.crop_size, checkpoint.crop_size)
-        variant = args.variant or checkpoint.variant
-        name = args.name or getattr(variant, "name", variant)  # a Variant or a name
-        if name:  # fail before loading the model
-            export.resolve_version_dir(args.export_dir, name, args.version, args.overwrite)
-        predictor = Predictor(checkpoint.path, variant=variant, output_stride=args.output_stride)
-        name = name or predictor.model.name
-        result = export.export(
-            predictor,
-            args.export_dir,
-            formats=formats,
-            name=name,
-            version=args.version,
-            spec=prediction.resolve_spec(predictor, args.dataset),
-            input_size=input_size,
-            quantize=quantize,
-            data_dir=args.data_dir or checkpoint.data_dir,
-            representative_split=args.representative_split,
-            calibration_images=args.calibration_images,
-            evaluate_split=args.evaluate_split,
-            crf=crf,
-            overwrite=args.overwrite,
-            log=(lambda line: None) if args.quiet else print,
-            progress=not args.quiet,
-        )
-    except ValueError as error:  # ExportError, InferenceError and argument checks
-        print(f"error: {str(error).splitlines()[0]}", file=sys.stderr)
-        return 2
+    formats = export.parse_formats(args.format)
+    quantize = export.parse_quantize(args.quantize)
+    input_size = export.parse_input_size(args.input_size)
+    if args.calibration_images < 1:
+        raise export.ExportError("--calibration-images must be positive")
+    if args.max_image_size < 1:
+        raise export.ExportError("--max-image-size must be positive")
+    crf = export.load_crf(args.crf or None) if args.crf is not None else None
+    flag = "--model-dir" if args.model_dir else "--checkpoint"
+    checkpoint = read_checkpoint_info(args.model_dir or args.checkpoint, flag)
+    if input_size is None and "tflite" in formats and checkpoint.crop_size:
+        input_size = (checkpoint.crop_size, checkpoint.crop_size)
+    variant = args.variant or checkpoint.variant
+    name = args.name or getattr(variant, "name", variant)  # a Variant or a name
+    if name:  # fail before loading the model
+        export.resolve_version_dir(args.export_dir, name, args.version, args.overwrite)
+    predictor = Predictor(checkpoint.path, variant=variant, output_stride=args.output_stride)
+    name = name or predictor.model.name
+    result = export.export(
+        predictor,
+        args.export_dir,
+        formats=formats,
+        name=name,
+        version=args.version,
+        spec=prediction.resolve_spec(predictor, args.dataset),
+        input_size=input_size,
+        quantize=quantize,
+        data_dir=args.data_dir or checkpoint.data_dir,
+        representative_split=args.representative_split,
+        calibration_images=args.calibration_images,
+        evaluate_split=args.evaluate_split,
+        crf=crf,
+        overwrite=args.overwrite,
+        log=(lambda line: None) if args.quiet else print,
+        progress=not args.quiet,
+    )
     print(export.format_summary(result))
     return 0
 

@@ -17,11 +17,11 @@ from pathlib import Path
 
 from deeplab_tf import console
 from deeplab_tf.data import shapes
-from deeplab_tf.data.build import BadInputError, run_cli
+from deeplab_tf.data.build import BadInputError
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = console.ArgumentParser(
         description=__doc__.splitlines()[0], epilog=console.VERBOSE_HELP
     )
     parser.add_argument("--output-dir", required=True, type=Path, help="VOC-layout tree")
@@ -32,27 +32,34 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=shapes.DEFAULTS["seed"])
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     parser.add_argument("--quiet", action="store_true", help="no progress")
+    console.add_verbose_argument(parser)
     return parser.parse_args(argv)
 
 
+@console.handles_errors
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
 
     def make() -> None:
-        try:
-            shapes.generate_shapes(
-                args.output_dir, num_train=args.num_train, num_val=args.num_val,
-                image_size=args.image_size, seed=args.seed, overwrite=args.overwrite,
-                progress=not args.quiet,
-            )  # fmt: skip
-        except FileExistsError as e:
-            raise BadInputError(str(e)) from None
+        params = {"num_train": args.num_train, "num_val": args.num_val,
+                  "image_size": args.image_size, "seed": args.seed}  # fmt: skip
+        if not args.overwrite and shapes.generated_with(args.output_dir, **params):
+            # The same command again (say after a kill while the TFRecords were built).
+            print(f"{args.output_dir}: already generated with these settings, kept")
+        else:
+            try:
+                shapes.generate_shapes(
+                    args.output_dir, overwrite=args.overwrite, progress=not args.quiet, **params
+                )
+            except FileExistsError as e:
+                raise BadInputError(str(e)) from None
         if args.tfrecord_dir is not None:
             shapes.build_shapes_tfrecords(
                 args.output_dir, args.tfrecord_dir, args.overwrite, progress=not args.quiet
             )
 
-    return run_cli(make)
+    make()
+    return 0
 
 
 cli = console.entry_point(main)

@@ -16,7 +16,6 @@ skipped (exit code 1 if any was skipped).
 from __future__ import annotations
 
 import argparse
-import sys
 
 from deeplab_tf import console
 
@@ -25,7 +24,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from deeplab_tf.crf import add_crf_arguments
     from deeplab_tf.inference import add_predictor_arguments
 
-    p = argparse.ArgumentParser(
+    p = console.ArgumentParser(
         description=__doc__.splitlines()[0],
         epilog=console.VERBOSE_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -45,9 +44,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="beside each overlay (and legend.png), legend.png only, or none",
     )
     add_crf_arguments(p, workers=False)
+    console.add_verbose_argument(p)
     return p.parse_args(argv)
 
 
+@console.handles_errors
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from deeplab_tf import prediction
@@ -55,27 +56,23 @@ def main(argv: list[str] | None = None) -> int:
     from deeplab_tf.evaluation import check_output_dir
     from deeplab_tf.inference import predictor_from_args
 
-    try:
-        check_output_dir(args.output_dir, args.overwrite)  # fail before loading the model
-        crf_params = crf_params_from_args(args)
-        predictor = predictor_from_args(args)
-        spec = prediction.resolve_spec(predictor, args.dataset)
-        summary = prediction.predict_files(
-            predictor,
-            args.inputs,
-            args.output_dir,
-            spec,
-            overwrite=args.overwrite,
-            save_probabilities=args.save_probabilities,
-            alpha=args.alpha,
-            legend=args.legend,
-            crf_params=crf_params,
-            crf_backend=args.crf_backend,
-            progress=not args.quiet,
-        )
-    except ValueError as error:  # InferenceError and the package's argument checks
-        print(f"error: {str(error).splitlines()[0]}", file=sys.stderr)
-        return 2
+    check_output_dir(args.output_dir, args.overwrite)  # fail before loading the model
+    crf_params = crf_params_from_args(args)
+    predictor = predictor_from_args(args)
+    spec = prediction.resolve_spec(predictor, args.dataset)
+    summary = prediction.predict_files(
+        predictor,
+        args.inputs,
+        args.output_dir,
+        spec,
+        overwrite=args.overwrite,
+        save_probabilities=args.save_probabilities,
+        alpha=args.alpha,
+        legend=args.legend,
+        crf_params=crf_params,
+        crf_backend=args.crf_backend,
+        progress=not args.quiet,
+    )
     print(
         f"{len(summary['images'])} images predicted, {len(summary['skipped'])} skipped; "
         f"masks and overlays (*_overlay.jpg) in {args.output_dir}"

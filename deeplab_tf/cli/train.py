@@ -20,13 +20,12 @@ TF_CONFIG (see the README).
 from __future__ import annotations
 
 import argparse
-import sys
 
 from deeplab_tf import console
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = console.ArgumentParser(
         description=__doc__.splitlines()[0],
         epilog=console.VERBOSE_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -77,71 +76,67 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true", help="replace a finished run")
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--quiet", action="store_true")
+    console.add_verbose_argument(p)
     return p.parse_args(argv)
 
 
+@console.handles_errors
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from deeplab_tf import training
 
-    try:
-        recipe, sources = training.recipe_for_data(
-            args.variant,
-            args.data_dir,
-            recipe=args.recipe,
-            dataset=args.dataset,
-            overrides={
-                "train_split": args.train_split,
-                "val_split": args.val_split,
-                "crop_size": args.crop_size,
-                "batch_size": args.batch_size,
-                "steps": args.steps,
-                "output_stride": args.output_stride,
-                "learning_rate": args.learning_rate,
-                "lr_policy": args.lr_policy,
-                "weight_decay": args.weight_decay,
-                "momentum": args.momentum,
-                "classifier_lr_multiplier": args.classifier_lr_multiplier,
-                "bn_momentum": args.bn_momentum,
-                "freeze_bn": args.freeze_bn,
-                "train_only_new_layers": args.train_only_new_layers,
-                "checkpoint_every": args.checkpoint_every,
-            },
-        )
-        config = training.TrainConfig(
-            variant=args.variant,
-            recipe=recipe,
-            recipe_sources=sources,
-            model_dir=args.model_dir,
-            data_dir=args.data_dir,
-            dataset=args.dataset,
-            backbone_weights=args.backbone_weights,
-            init_checkpoint=args.init_checkpoint,
-            strategy=args.strategy,
-            sync_bn=args.sync_bn,
-            mixed_precision=args.mixed_precision,
-            jit_compile=args.jit_compile,
-            class_weights=training.parse_class_weights(args.class_weights),
-            top_k_percent_pixels=args.top_k_percent_pixels,
-            hard_example_mining_step=args.hard_example_mining_step,
-            oversample_classes=training.parse_int_list(
-                args.oversample_classes, "--oversample-classes"
-            ),
-            seed=args.seed,
-            **(
-                {"atrous_implementation": args.atrous_implementation}
-                if args.atrous_implementation
-                else {}
-            ),
-            epochs=args.epochs,
-            overwrite=args.overwrite,
-            verbose=0 if args.quiet else 1,
-            log_every=args.log_every,
-        )
-        training.train(config)
-    except ValueError as error:  # TrainingError and the package's argument checks
-        print(f"error: {str(error).splitlines()[0]}", file=sys.stderr)
-        return 2
+    recipe, sources = training.recipe_for_data(
+        args.variant,
+        args.data_dir,
+        recipe=args.recipe,
+        dataset=args.dataset,
+        overrides={
+            "train_split": args.train_split,
+            "val_split": args.val_split,
+            "crop_size": args.crop_size,
+            "batch_size": args.batch_size,
+            "steps": args.steps,
+            "output_stride": args.output_stride,
+            "learning_rate": args.learning_rate,
+            "lr_policy": args.lr_policy,
+            "weight_decay": args.weight_decay,
+            "momentum": args.momentum,
+            "classifier_lr_multiplier": args.classifier_lr_multiplier,
+            "bn_momentum": args.bn_momentum,
+            "freeze_bn": args.freeze_bn,
+            "train_only_new_layers": args.train_only_new_layers,
+            "checkpoint_every": args.checkpoint_every,
+        },
+    )
+    config = training.TrainConfig(
+        variant=args.variant,
+        recipe=recipe,
+        recipe_sources=sources,
+        model_dir=args.model_dir,
+        data_dir=args.data_dir,
+        dataset=args.dataset,
+        backbone_weights=args.backbone_weights,
+        init_checkpoint=args.init_checkpoint,
+        strategy=args.strategy,
+        sync_bn=args.sync_bn,
+        mixed_precision=args.mixed_precision,
+        jit_compile=args.jit_compile,
+        class_weights=training.parse_class_weights(args.class_weights),
+        top_k_percent_pixels=args.top_k_percent_pixels,
+        hard_example_mining_step=args.hard_example_mining_step,
+        oversample_classes=training.parse_int_list(args.oversample_classes, "--oversample-classes"),
+        seed=args.seed,
+        **(
+            {"atrous_implementation": args.atrous_implementation}
+            if args.atrous_implementation
+            else {}
+        ),
+        epochs=args.epochs,
+        overwrite=args.overwrite,
+        verbose=0 if args.quiet else 1,
+        log_every=args.log_every,
+    )
+    training.train(config)
     return 0
 
 

@@ -17,7 +17,6 @@ rows; what --crf-params reads) and search.md, and prints the best rows.
 from __future__ import annotations
 
 import argparse
-import sys
 
 from deeplab_tf import console
 
@@ -27,7 +26,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from deeplab_tf.crf_tuning import DEFAULT_NUM_IMAGES
     from deeplab_tf.inference import add_predictor_arguments
 
-    p = argparse.ArgumentParser(
+    p = console.ArgumentParser(
         description=__doc__.splitlines()[0],
         epilog=console.VERBOSE_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -48,9 +47,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output-dir", help="default: CHECKPOINT_DIR/crf-SPLIT")
     p.add_argument("--overwrite", action="store_true", help="replace earlier results")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    console.add_verbose_argument(p)
     return p.parse_args(argv)
 
 
+@console.handles_errors
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from deeplab_tf import crf, crf_tuning
@@ -61,40 +62,36 @@ def main(argv: list[str] | None = None) -> int:
         read_checkpoint_info,
     )
 
-    try:
-        grid = crf.SearchGrid(
-            w1=crf_tuning.parse_values(args.w1, "--w1"),
-            sa=crf_tuning.parse_values(args.sa, "--sa"),
-            sb=crf_tuning.parse_values(args.sb, "--sb"),
-        )
-        base = crf.CRFParams(w2=args.w2, sg=args.sg, iterations=args.iterations)
-        if args.rounds < 1:
-            raise InferenceError(f"--rounds must be >= 1, got {args.rounds}")
-        if args.crf_workers is not None and args.crf_workers < 1:
-            raise InferenceError(f"--crf-workers must be >= 1, got {args.crf_workers}")
-        checkpoint = read_checkpoint_info(args.checkpoint)
-        output_dir = args.output_dir or checkpoint.path.parent / f"crf-{args.split}"
-        crf_tuning.check_output_dir(output_dir, args.overwrite)  # fail before the work
-        data_dir = data_dir_of(checkpoint, args.data_dir)
-        predictor = predictor_from_args(args)
-        crf_tuning.tune_crf(
-            predictor,
-            data_dir,
-            output_dir,
-            args.split,
-            num_images=args.num_images,
-            grid=grid,
-            base=base,
-            rounds=args.rounds,
-            backend=args.crf_backend,
-            workers=args.crf_workers,
-            overwrite=args.overwrite,
-            top=args.top,
-            progress=not args.quiet,
-        )
-    except ValueError as error:  # InferenceError, CRF parameter and argument checks
-        print(f"error: {str(error).splitlines()[0]}", file=sys.stderr)
-        return 2
+    grid = crf.SearchGrid(
+        w1=crf_tuning.parse_values(args.w1, "--w1"),
+        sa=crf_tuning.parse_values(args.sa, "--sa"),
+        sb=crf_tuning.parse_values(args.sb, "--sb"),
+    )
+    base = crf.CRFParams(w2=args.w2, sg=args.sg, iterations=args.iterations)
+    if args.rounds < 1:
+        raise InferenceError(f"--rounds must be >= 1, got {args.rounds}")
+    if args.crf_workers is not None and args.crf_workers < 1:
+        raise InferenceError(f"--crf-workers must be >= 1, got {args.crf_workers}")
+    checkpoint = read_checkpoint_info(args.checkpoint)
+    output_dir = args.output_dir or checkpoint.path.parent / f"crf-{args.split}"
+    crf_tuning.check_output_dir(output_dir, args.overwrite)  # fail before the work
+    data_dir = data_dir_of(checkpoint, args.data_dir)
+    predictor = predictor_from_args(args)
+    crf_tuning.tune_crf(
+        predictor,
+        data_dir,
+        output_dir,
+        args.split,
+        num_images=args.num_images,
+        grid=grid,
+        base=base,
+        rounds=args.rounds,
+        backend=args.crf_backend,
+        workers=args.crf_workers,
+        overwrite=args.overwrite,
+        top=args.top,
+        progress=not args.quiet,
+    )
     print(f"best parameters in {output_dir}/{crf_tuning.PARAMS_FILE} (use it with --crf-params)")
     return 0
 

@@ -12,8 +12,7 @@ import dataclasses
 import io
 import logging
 import math
-import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -196,9 +195,15 @@ def build_split(
         more = f"; {len(missing)} pairs have missing files" if len(missing) > 1 else ""
         raise BadInputError(f"{path}: file does not exist{where}{more}")
     try:  # before anything is written: one dataset per output directory
-        tfrecord.check_manifest_dataset(out_dir, spec.to_dict())
+        manifest = tfrecord.check_manifest_dataset(out_dir, spec.to_dict())
     except ValueError as e:
         raise BadInputError(str(e)) from None
+    built = manifest["splits"].get(split)
+    if not overwrite and built is not None and _same_pairs(built, pairs, out_dir, split):
+        # A rerun of the same command (after a kill in a later split): done already.
+        if progress:
+            print(f"split {split}: already built from the same images, kept", flush=True)
+        return built
     num_shards = num_shards or max(1, math.ceil(len(pairs) / DEFAULT_EXAMPLES_PER_SHARD))
     num_shards = min(num_shards, len(pairs))
     n = spec.num_classes
@@ -252,6 +257,19 @@ def build_split(
     return entry
 
 
+def _same_pairs(entry: dict[str, Any], pairs: Sequence[Pair], out_dir, split: str) -> bool:
+    """Whether a manifest entry was built from exactly ``pairs`` and its shards are all
+    there (manifests before image names were recorded: no)."""
+    if "names" not in entry:
+        return False
+    names = entry["names"] + [skipped["name"] for skipped in entry.get("skipped", [])]
+    try:
+        shards = tfrecord.list_shards(out_dir, split)
+    except ValueError:
+        return False
+    return sorted(names) == sorted(p.name for p in pairs) and len(shards) == entry["num_shards"]
+
+
 def require_dir(path: str | Path, what: str = "dataset directory") -> Path:
     """Returns ``path`` as a Path, or raises BadInputError if it is not a directory."""
     path = Path(path)
@@ -280,13 +298,3 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-bad", action="store_true", help="skip bad pairs with a warning")
     parser.add_argument("--overwrite", action="store_true", help="replace existing splits")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
-
-
-def run_cli(fn: Callable[[], Any]) -> int:
-    """Runs a builder; bad input becomes one line on stderr and exit code 2."""
-    try:
-        fn()
-    except (BadInputError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0

@@ -11,7 +11,7 @@ Both yield float32 images in [0, 255] (the model normalises) and int32 labels wi
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import tensorflow as tf
@@ -217,6 +217,18 @@ def eval_dataset(
         return image + (1.0 - valid[..., None]) * mean, label, valid
 
     return ds.map(fill_mean, num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
+
+
+def eval_examples(
+    data_dir: str | Path, split: str, count: int | None = None
+) -> Iterator[tuple[tf.Tensor, tf.Tensor]]:
+    """(image, label) batches of one of ``eval_dataset``, the first ``count`` images;
+    a truncated or corrupt shard is a one-line ValueError naming it."""
+    dataset = eval_dataset(data_dir, split)
+    try:
+        yield from dataset.take(-1 if count is None else count)
+    except tf.errors.DataLossError as error:
+        raise tfrecord.corrupt_shard_error(data_dir, [split], error) from None
 
 
 def num_examples(data_dir: str | Path, split: str) -> int:

@@ -33,6 +33,7 @@ from deeplab_tf.data import tfrecord
 from deeplab_tf.data.build import build_split
 from deeplab_tf.data.sources import voc_layout_pairs
 from deeplab_tf.data.specs import IGNORE_LABEL, SPECS
+from deeplab_tf.files import temporary_name
 from deeplab_tf.progress import track
 
 SPEC = SPECS["shapes"]
@@ -169,8 +170,8 @@ def generate_shapes(
         raise FileExistsError(f"{root}: already exists; pass --overwrite to replace it")
     if min(num_train, num_val) < 1 or image_size < 32:
         raise ValueError("need num_train >= 1, num_val >= 1 and image_size >= 32")
-    tmp = root.with_name(f".{root.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_name(root)  # a killed run's temporary goes
     (tmp / "JPEGImages").mkdir(parents=True)
     (tmp / "SegmentationClass").mkdir()
     (tmp / "ImageSets" / "Segmentation").mkdir(parents=True)
@@ -207,6 +208,14 @@ def generate_shapes(
     return root
 
 
+def generated_with(root: str | Path, **params: Any) -> bool:
+    """Whether ``root`` holds a complete tree generated with ``params`` (the defaults
+    for the others) by this ``GENERATOR_VERSION``."""
+    params_file = Path(root) / PARAMS_FILE
+    wanted = {**DEFAULTS, **params, "generator_version": GENERATOR_VERSION}
+    return params_file.is_file() and json.loads(params_file.read_text()) == wanted
+
+
 def build_shapes_tfrecords(
     raw_root: str | Path, out_dir: str | Path, overwrite: bool = False, progress: bool = False
 ) -> Path:
@@ -231,14 +240,13 @@ def ensure_shapes_tfrecords(root: str | Path, progress: bool = False, **params: 
     wanted = {**DEFAULTS, **params}
     root = Path(root)
     raw, out = root / "raw", root / "tfrecord"
-    params_file = raw / PARAMS_FILE
-    written = {**wanted, "generator_version": GENERATOR_VERSION}
-    if params_file.is_file() and json.loads(params_file.read_text()) == written:
+    if generated_with(raw, **wanted):
         try:
             splits = tfrecord.read_manifest(out)["splits"]
             if {"train", "val"} <= set(splits):
                 return out
         except ValueError:
             pass
-    generate_shapes(raw, overwrite=True, progress=progress, **wanted)
+    else:  # a tree killed while the TFRecords were built is kept
+        generate_shapes(raw, overwrite=True, progress=progress, **wanted)
     return build_shapes_tfrecords(raw, out, overwrite=True, progress=progress)

@@ -226,7 +226,11 @@ def load_spec(path: str | Path) -> DatasetSpec:
         else:
             data = json.loads(text)
     except Exception as e:
-        raise ValueError(f"{path}: cannot parse dataset declaration ({e})") from None
+        # The parser's own position ("line 3, column 5") without its multi-line context.
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(e, "problem", None) or " ".join(str(e).split())
+        raise ValueError(f"{path}: cannot parse dataset declaration ({where}{problem})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: dataset declaration must be a mapping")
     try:

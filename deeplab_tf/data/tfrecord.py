@@ -32,7 +32,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from deeplab_tf.files import write_json_atomic
+from deeplab_tf.files import temporary_name, write_json_atomic
 
 IMAGE_ENCODED = "image/encoded"
 IMAGE_FORMAT = "image/format"
@@ -155,6 +155,34 @@ def list_shards(data_dir: str | Path, split: str) -> list[str]:
     return [str(p) for p in shards]
 
 
+def find_corrupt_shard(data_dir: str | Path, splits: Sequence[str]) -> tuple[str, str] | None:
+    """The first shard of ``splits`` that cannot be read to its end, with TensorFlow's
+    reason (a truncated record, a bad checksum), or None. Reads every record: call it
+    after a ``DataLossError`` to name the file."""
+    for split in splits:
+        for shard in list_shards(data_dir, split):
+            try:
+                for _ in tf.data.TFRecordDataset(shard):
+                    pass
+            except tf.errors.DataLossError as error:
+                return shard, error.message.splitlines()[0]
+    return None
+
+
+def corrupt_shard_error(
+    data_dir: str | Path, splits: Sequence[str], error: Exception, then: str = ""
+) -> ValueError:
+    """A one-line ValueError naming the shard behind a ``DataLossError`` and what to do."""
+    found = find_corrupt_shard(data_dir, splits)
+    if found is None:
+        return ValueError(f"{data_dir}: unreadable TFRecord data ({error})")
+    shard, reason = found
+    return ValueError(
+        f"{shard}: truncated or corrupt ({reason}); rebuild the dataset with --overwrite"
+        + (f", then {then}" if then else "")
+    )
+
+
 class ShardedWriter:
     """Writes a split's shards under a temporary name and renames them when complete.
 
@@ -177,13 +205,13 @@ class ShardedWriter:
             raise FileExistsError(
                 f"{existing[0]}: split {split!r} already exists; pass --overwrite to replace it"
             )
-        self._tmp = self.out_dir / f".tmp-{split}-{os.getpid()}"
+        self._tmp = self.out_dir / split  # replaced by a temporary name on entry
         self._writer: tf.io.TFRecordWriter | None = None
         self._shard = -1
 
     def __enter__(self) -> ShardedWriter:
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(self._tmp, ignore_errors=True)
+        self._tmp = temporary_name(self.out_dir / self.split)  # and a killed run's go
         self._tmp.mkdir()
         return self
 
