@@ -63,6 +63,7 @@ SLOWEST_FIRST = tuple(
         "export_cli",
         "user_path",
         "console",
+        "faults",
         "crf_cli",
         "evaluate",
         "packaging",
