@@ -200,7 +200,8 @@ def test_bad_params_file_is_a_one_line_error(model_dir, tmp_path, capsys, conten
     ):
         code, _, err = _run(module, capsys, "--checkpoint", model_dir, "--crf-params", path, *args)
         assert code == 2 and len(err.splitlines()) == 1, err
-        assert str(path) in err and message in err, err
+        # One line of at most 200 characters: a long path keeps its last parts.
+        assert f"{tmp_path.name}/crf.json" in err and message in err, err
     assert not (tmp_path / "eval").exists() and not (tmp_path / "pred").exists()
 
 
