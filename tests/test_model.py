@@ -136,7 +136,10 @@ class TestSerialization:
         "variant",
         [
             TINY,
-            dataclasses.replace(get_variant("deeplabv3-cascade"), backbone="resnet50"),
+            # One cascaded block: its layers' configs as block6/7's (the rates: TestResNet)
+            dataclasses.replace(
+                get_variant("deeplabv3-cascade"), backbone="resnet50", cascade_blocks=1
+            ),
         ],
         ids=["mobilenetv2", "resnet50-cascade"],
     )
