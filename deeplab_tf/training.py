@@ -40,7 +40,7 @@ from deeplab_tf import visualize
 from deeplab_tf.backbones import transfer_weights
 from deeplab_tf.data import pipeline
 from deeplab_tf.data.shapes import ensure_shapes_tfrecords
-from deeplab_tf.data.specs import DatasetSpec, get_spec
+from deeplab_tf.data.specs import DatasetSpec, get_spec, spec_from_dict
 from deeplab_tf.data.tfrecord import corrupt_shard_error, read_manifest
 from deeplab_tf.evaluation import SCORE_KEYS, evaluate, format_results
 from deeplab_tf.files import save_model_atomic, write_json_atomic
@@ -294,8 +294,8 @@ def resolve_data(config: TrainConfig) -> tuple[Path, DatasetSpec]:
         if not data_dir.is_dir():
             raise TrainingError(f"--data-dir {data_dir}: no such directory")
     try:
-        read_manifest(data_dir)
-        spec = pipeline.dataset_spec(data_dir)
+        manifest = read_manifest(data_dir)  # one read: it lists every image's name
+        spec = spec_from_dict(manifest["dataset"])
         if wanted is not None and wanted.name != spec.name:
             raise TrainingError(
                 f"--dataset {config.dataset} does not match {data_dir}, built from {spec.name!r}"
@@ -308,11 +308,9 @@ def resolve_data(config: TrainConfig) -> tuple[Path, DatasetSpec]:
         for split in splits:
             if pipeline.num_examples(data_dir, split) < 1:
                 raise TrainingError(f"--data-dir {data_dir}: split {split!r} is empty")
-        entries = read_manifest(data_dir)["splits"]
-        shared = sorted(
-            set(entries[splits[0]].get("names", ())) & set(entries[splits[-1]].get("names", ()))
-        )
-        if len(splits) == 2 and shared:
+        names = [set(manifest["splits"][split].get("names", ())) for split in splits]
+        shared = sorted(names[0] & names[1]) if len(names) == 2 else []
+        if shared:
             raise TrainingError(
                 f"--val-split {recipe.val_split} shares {len(shared)} images with --train-split "
                 f"{recipe.train_split} (e.g. {shared[0]}): validation must be held out"
@@ -365,11 +363,14 @@ class ProgressLogger(keras.callbacks.Callback):
         if self._start is None:  # skip the first step: it includes tracing
             self._start, self._start_step = time.perf_counter(), self.step
         self.step += 1
+        shown = self.step % self.every == 0 or self.step == self.total_steps
+        if self.bar is None and not shown:
+            return  # the learning rate is evaluated only for what is shown
         loss = float((logs or {}).get("loss", float("nan")))
         lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
         if self.bar is not None:
             self.bar.update(self.step, values=[("loss", loss), ("lr", lr)])
-        elif self.step % self.every == 0 or self.step == self.total_steps:
+        else:
             elapsed = time.perf_counter() - self._start
             done = self.step - self._start_step
             rate = done / elapsed if elapsed > 0 and done else 0.0
