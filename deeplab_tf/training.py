@@ -524,6 +524,9 @@ def compile_model(
         jit_compile=config.jit_compile,
     )
     loss.set_step_source(optimizer.iterations)
+    # Built here, the optimizer's slots exist before fit traces its step; built inside
+    # that trace, they make tf.function trace the whole step a second time (seconds).
+    optimizer.build(model.trainable_variables)
     return model
 
 
