@@ -86,14 +86,11 @@ def check_output_dir(output_dir: str | os.PathLike, overwrite: bool) -> Path:
 
 def _cache_key(predictor: Predictor, data_dir: str | os.PathLike, split: str, n: int):
     """What the cached probabilities depend on, as JSON; None for a model without a file."""
-    if predictor.checkpoint is None:
+    model = predictor.identity()
+    if model is None:
         return None
-    stat = predictor.checkpoint.path.stat()
     key = {
-        "checkpoint": str(predictor.checkpoint.path.resolve()),
-        "checkpoint_bytes": stat.st_size,
-        "checkpoint_mtime_ns": stat.st_mtime_ns,
-        "inference": predictor.settings(),
+        **model,
         "data_dir": str(Path(data_dir).resolve()),
         "split": split,
         "num_images": n,

@@ -39,7 +39,7 @@ from scipy import ndimage
 from deeplab_tf import crf, visualize
 from deeplab_tf.data import pipeline
 from deeplab_tf.data.specs import IGNORE_LABEL
-from deeplab_tf.files import replace_dir, temporary_dir
+from deeplab_tf.files import PartialDir, atomic_file, replace_dir, temporary_dir
 from deeplab_tf.inference import InferenceError, Predictor
 from deeplab_tf.metrics import MeanIoU
 from deeplab_tf.progress import Progress
@@ -139,6 +139,20 @@ class Evaluator:
             self.trimap_pixels[width] += int((band & counted).sum())
             metric.update_state(label[None], prediction[None], sample_weight=band[None])
 
+    def state(self) -> dict[str, np.ndarray]:
+        """The counts so far (``restore`` takes them back: a resumed evaluation)."""
+        state = {"confusion": self.metric.confusion_matrix.numpy()}
+        for i, metric in enumerate(self.trimap_metrics.values()):
+            state[f"trimap_confusion_{i}"] = metric.confusion_matrix.numpy()
+        state["trimap_pixels"] = np.array(list(self.trimap_pixels.values()), np.int64)
+        return state
+
+    def restore(self, state: dict[str, np.ndarray]) -> None:
+        self.metric.confusion_matrix.assign(state["confusion"])
+        for i, (width, metric) in enumerate(self.trimap_metrics.items()):
+            metric.confusion_matrix.assign(state[f"trimap_confusion_{i}"])
+            self.trimap_pixels[width] = int(state["trimap_pixels"][i])
+
     def results(self) -> dict[str, Any]:
         """JSON-ready scores, confusion matrix and, with widths, the trimap scores."""
         results = {
@@ -203,6 +217,7 @@ def evaluate(
     crf_params: crf.CRFParams | None = None,
     crf_backend: str = "auto",
     crf_workers: int | None = None,
+    job: PartialDir | None = None,
 ) -> Evaluation:
     """Scores ``predictor`` on every image of a TFRecord split at full label resolution.
 
@@ -222,6 +237,8 @@ def evaluate(
         crf_backend: ``deeplab_tf.crf.BACKENDS``.
         crf_workers: images refined at once (default: the CPU count); the network's
             probabilities of that many images are held while they are refined.
+        job: keep the counts in ``job.state`` after every scored image, and continue
+            from them when ``job.resumed`` (``evaluate_into``).
 
     Raises:
         InferenceError: the model's classes do not match the dataset's, or a bad setting.
@@ -247,14 +264,18 @@ def evaluate(
         )
     )
     colours = visualize.palette(spec)
-    panels: list[np.ndarray] = []
-    requested = 0  # images whose panel is kept (with CRF, drawn once refined)
-    meter = Progress(total, "images") if progress else None
+    saved = _EvaluationState(job, evaluator, refiner)
+    done, panels, earlier_seconds = 0, [], 0.0
+    if job is not None and job.resumed:
+        done, panels, earlier_seconds = saved.restore()
+    if done:
+        print(f"continuing: {done} of {total} images already scored", flush=True)
+    meter = Progress(total, "images", initial=done) if progress else None
     start = time.perf_counter()
-    for image, label in pipeline.eval_examples(data_dir, split, total):
+    for image, label in pipeline.eval_examples(data_dir, split, total, skip=done):
         image, label = image[0].numpy(), label[0].numpy()
-        keep_panel = requested < num_panels
-        requested += keep_panel
+        keep_panel = done < num_panels
+        done += 1
         if refiner is None:
             prediction = predictor.predict_labels(image)
             if keep_panel:
@@ -264,12 +285,16 @@ def evaluate(
             prediction = probabilities.argmax(-1)
             refiner.add(image, probabilities, label, keep_panel)
         evaluator.update(label, prediction)
+        if refiner is not None:
+            panels += [visualize.panels(image, maps, colours) for image, maps in refiner.drawn()]
+        if job is not None and (refiner is None or not refiner.pending):
+            saved.save(done, panels, earlier_seconds + time.perf_counter() - start)
         if meter:
-            meter.update()
+            meter.update(done)
     if refiner is not None:
         refiner.flush()
-        panels = [visualize.panels(image, maps, colours) for image, maps in refiner.panels]
-    seconds = time.perf_counter() - start
+        panels += [visualize.panels(image, maps, colours) for image, maps in refiner.drawn()]
+    seconds = earlier_seconds + time.perf_counter() - start
     results = {
         "dataset": spec.name,
         "data_dir": str(data_dir),
@@ -329,6 +354,11 @@ class _CRFScorer:
                 self.panels.append((image, [label, p.argmax(-1), after]))
         self.pending = []
 
+    def drawn(self) -> list[tuple[np.ndarray, list[np.ndarray]]]:
+        """The panels' (image, label maps) refined since the last call."""
+        drawn, self.panels = self.panels, []
+        return drawn
+
     def results(self) -> dict[str, Any]:
         return {
             "params": self.params.to_dict(),
@@ -336,6 +366,49 @@ class _CRFScorer:
             "seconds": round(self.seconds, 2),
             **self.evaluator.results(),
         }
+
+
+class _EvaluationState:
+    """An evaluation's counts, panels and time so far, in ``job.state``: written
+    (atomically) after every scored image, read back by a rerun of the same job."""
+
+    def __init__(self, job: PartialDir | None, evaluator: Evaluator, refiner: _CRFScorer | None):
+        self.job = job
+        self.evaluator = evaluator
+        self.refiner = refiner
+        self.panels_saved = 0
+
+    def save(self, done: int, panels: list[np.ndarray], seconds: float) -> None:
+        state = self.job.state
+        for i in range(self.panels_saved, len(panels)):  # each panel once
+            with atomic_file(state / f"panel_{i:04d}.npy", "wb") as f:
+                np.save(f, panels[i])
+        self.panels_saved = len(panels)
+        arrays = {"done": done, "panels": len(panels), "seconds": seconds}
+        arrays.update(self.evaluator.state())
+        if self.refiner is not None:
+            arrays.update({f"crf_{k}": v for k, v in self.refiner.evaluator.state().items()})
+            arrays["crf_seconds"] = self.refiner.seconds
+        with atomic_file(state / "counts.npz", "wb") as f:
+            np.savez(f, **arrays)
+
+    def restore(self) -> tuple[int, list[np.ndarray], float]:
+        """(images done, their panels, seconds spent); (0, [], 0) when nothing was saved."""
+        state = self.job.state
+        try:
+            with np.load(state / "counts.npz") as saved:
+                arrays = dict(saved)
+            panels = [np.load(state / f"panel_{i:04d}.npy") for i in range(int(arrays["panels"]))]
+        except (OSError, ValueError, KeyError):  # none yet, or damaged: start over
+            return 0, [], 0.0
+        self.evaluator.restore(arrays)
+        if self.refiner is not None:
+            self.refiner.evaluator.restore(
+                {k[len("crf_") :]: v for k, v in arrays.items() if k.startswith("crf_")}
+            )
+            self.refiner.seconds = float(arrays["crf_seconds"])
+        self.panels_saved = len(panels)
+        return int(arrays["done"]), panels, float(arrays["seconds"])
 
 
 # === Reports ===
@@ -415,32 +488,79 @@ def check_output_dir(output_dir: str | os.PathLike, overwrite: bool) -> Path:
     return output_dir
 
 
+def evaluate_into(
+    predictor: Predictor,
+    data_dir: str | os.PathLike,
+    split: str,
+    output_dir: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    **options: Any,
+) -> Evaluation:
+    """``evaluate`` (``options`` are its keyword arguments) with its report written to
+    ``output_dir`` (``write_report``), resumably: the counts so far are kept beside it
+    (``files.PartialDir``), and a rerun of the same evaluation (checkpoint file,
+    inference settings, data, options) after a kill continues from them.
+
+    Raises:
+        InferenceError: an existing ``output_dir`` without ``overwrite``; as ``evaluate``.
+    """
+    output_dir = check_output_dir(output_dir, overwrite)
+    model = predictor.identity()
+    ignored = ("progress", "crf_workers")  # change nothing in the scores
+    settings = {
+        "model": model if model is not None else f"in memory, {os.getpid()}-{id(predictor)}",
+        "data_dir": str(Path(data_dir).resolve()),
+        "split": split,
+        **{k: v.to_dict() if isinstance(v, crf.CRFParams) else v for k, v in options.items()
+           if k not in ignored},
+    }  # fmt: skip
+    with PartialDir(output_dir, settings) as job:
+        if job.discarded:
+            print(f"discarded an unfinished evaluation of other settings: {job.path}", flush=True)
+        evaluation = evaluate(predictor, data_dir, split, job=job, **options)
+        write_report(evaluation, output_dir, overwrite, job)
+    return evaluation
+
+
 def write_report(
-    evaluation: Evaluation, output_dir: str | os.PathLike, overwrite: bool = False
+    evaluation: Evaluation,
+    output_dir: str | os.PathLike,
+    overwrite: bool = False,
+    job: PartialDir | None = None,
 ) -> Path:
     """Writes results.json, results.md, confusion_matrix.png, trimap.png (with trimap
-    scores) and panels/*.png into ``output_dir``, all at once (temporary dir + rename);
-    with CRF scores also confusion_matrix_crf.png, and trimap.png shows both."""
+    scores) and panels/*.png into ``output_dir``, all at once (a temporary directory,
+    or ``job``'s, renamed); with CRF scores also confusion_matrix_crf.png, and
+    trimap.png shows both."""
     output_dir = check_output_dir(output_dir, overwrite)
-    results = evaluation.results
+    if job is not None:
+        _write_report_files(evaluation, job.path)
+        job.finish()
+        return output_dir
     tmp = temporary_dir(output_dir)
     try:
-        (tmp / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-        (tmp / "results.md").write_text(format_results(results) + "\n")
-        matrices = {"confusion_matrix.png": results["confusion_matrix"]}
-        if results.get("crf"):
-            matrices["confusion_matrix_crf.png"] = results["crf"]["confusion_matrix"]
-        for name, matrix in matrices.items():
-            image = visualize.confusion_matrix_image(np.array(matrix), results["class_names"])
-            visualize.save_png(image, tmp / name)
-        if results.get("trimap"):
-            visualize.save_png(trimap_plot(results), tmp / "trimap.png")
-        if evaluation.panels:
-            (tmp / "panels").mkdir()
-            for i, panel in enumerate(evaluation.panels):
-                visualize.save_png(panel, tmp / "panels" / f"{i:04d}.png")
+        _write_report_files(evaluation, tmp)
         replace_dir(tmp, output_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return output_dir
+
+
+def _write_report_files(evaluation: Evaluation, tmp: Path) -> None:
+    results = evaluation.results
+    (tmp / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (tmp / "results.md").write_text(format_results(results) + "\n")
+    matrices = {"confusion_matrix.png": results["confusion_matrix"]}
+    if results.get("crf"):
+        matrices["confusion_matrix_crf.png"] = results["crf"]["confusion_matrix"]
+    for name, matrix in matrices.items():
+        image = visualize.confusion_matrix_image(np.array(matrix), results["class_names"])
+        visualize.save_png(image, tmp / name)
+    if results.get("trimap"):
+        visualize.save_png(trimap_plot(results), tmp / "trimap.png")
+    if evaluation.panels:
+        (tmp / "panels").mkdir(exist_ok=True)
+        for i, panel in enumerate(evaluation.panels):
+            visualize.save_png(panel, tmp / "panels" / f"{i:04d}.png")

@@ -142,3 +142,68 @@ def replace_dir(tmp: str | os.PathLike, output_dir: str | os.PathLike) -> None:
     else:
         os.replace(tmp, output_dir)
     _fsync_dir(output_dir.parent)
+
+
+class PartialDir:
+    """The unfinished output of a job, kept as ``.NAME.partial`` beside ``output`` so
+    that rerunning the same command (after a kill, a crash, a full disk) continues it.
+
+    ``settings`` (JSON-ready) say what the job computes: a partial directory left by a
+    job with other settings could never be finished and is started afresh. The job's
+    bookkeeping (``job.json``: its settings and PID; whatever state it saves) lives in
+    ``state`` (``.job`` inside it) and is removed by ``finish``, which moves the rest
+    onto ``output``. A partial directory whose PID is another live process's is
+    refused: two jobs must not write one output.
+
+    Attributes:
+        path: the directory the job writes its outputs into.
+        state: the directory for its bookkeeping.
+        resumed: the partial directory holds earlier work of the same settings.
+        discarded: it held work of other settings, now removed.
+    """
+
+    def __init__(self, output: str | os.PathLike, settings: dict[str, Any]):
+        self.output = Path(output)
+        self.path = self.output.with_name(f".{self.output.name}.partial")
+        self.state = self.path / ".job"
+        wanted = json.loads(json.dumps(settings, default=str))  # tuples -> lists, paths -> str
+        try:
+            record = json.loads((self.state / "job.json").read_text())
+        except (OSError, ValueError):
+            record = None
+        if isinstance(record, dict):
+            pid = record.get("pid")
+            if isinstance(pid, int) and pid != os.getpid() and _running(pid):
+                raise FileExistsError(
+                    f"{self.output}: another job (PID {pid}) is writing it; "
+                    "wait for it to end or stop it"
+                )
+        self.resumed = isinstance(record, dict) and record.get("settings") == wanted
+        self.discarded = self.path.exists() and not self.resumed
+        if not self.resumed:
+            shutil.rmtree(self.path, ignore_errors=True)
+            self.output.parent.mkdir(parents=True, exist_ok=True)
+            os.mkdir(self.path, 0o777)
+            os.mkdir(self.state, 0o777)
+        write_json_atomic(self.state / "job.json", {"settings": wanted, "pid": os.getpid()})
+
+    def __enter__(self) -> PartialDir:
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        """An error (not an interrupt) before any work was saved leaves nothing behind."""
+        if isinstance(error, Exception) and self.path.exists() and not self._holds_work():
+            self.discard()
+
+    def _holds_work(self) -> bool:
+        saved = [p for p in self.path.iterdir() if p != self.state]
+        return bool(saved) or any(p.name != "job.json" for p in self.state.iterdir())
+
+    def finish(self) -> None:
+        """Moves the finished outputs onto ``output`` (replacing an old one)."""
+        shutil.rmtree(self.state)
+        replace_dir(self.path, self.output)
+
+    def discard(self) -> None:
+        """Removes the partial directory (its outputs went elsewhere)."""
+        shutil.rmtree(self.path, ignore_errors=True)

@@ -357,6 +357,20 @@ class Predictor:
             "tile_overlap": self.tile_overlap,
         }
 
+    def identity(self) -> dict[str, Any] | None:
+        """What this predictor's outputs depend on, JSON-ready: the checkpoint file
+        (absolute path, size, modification time) and the inference settings; None for
+        a model without a file (a resumed job or a cache can never be sure of it)."""
+        if self.checkpoint is None:
+            return None
+        stat = self.checkpoint.path.stat()
+        return {
+            "checkpoint": str(self.checkpoint.path.resolve()),
+            "checkpoint_bytes": stat.st_size,
+            "checkpoint_mtime_ns": stat.st_mtime_ns,
+            "inference": self.settings(),
+        }
+
     def batch_probabilities(self, images: tf.Tensor) -> tf.Tensor:
         """Probabilities float32 [N, h, w, C] of images float32 [N, h, w, 3] (pixels in
         [0, 255]), each fused over the scales and flips: a TensorFlow function, traced

@@ -30,7 +30,8 @@ class Progress:
     """Progress over ``total`` items of ``what`` (plural, e.g. ``"images"``).
 
     ``update(done, values)`` after each item (``done`` defaults to one more);
-    ``values`` are (name, number) pairs shown with it (a training loss).
+    ``values`` are (name, number) pairs shown with it (a training loss);
+    ``initial`` items were done before (a resumed job): the rate counts the others.
     """
 
     def __init__(
@@ -42,6 +43,7 @@ class Progress:
         every_s: float = 10.0,
         stream: TextIO | None = None,
         title: str = "",
+        initial: int = 0,
     ) -> None:
         self.total = max(int(total), 1)
         self.what = what
@@ -49,7 +51,7 @@ class Progress:
         self.every_s = every_s
         self.stream = stream or sys.stdout
         self.title = f"{title}: " if title else ""
-        self.done = 0
+        self.done = self.initial = int(initial)  # done by an earlier, interrupted run
         self.start = time.perf_counter()
         self._last = -math.inf
         self._bar = None
@@ -78,7 +80,7 @@ class Progress:
 
     def line(self, elapsed: float, values: Sequence[tuple[str, float]] = ()) -> str:
         """The plain progress line after ``elapsed`` seconds."""
-        rate = self.done / elapsed if elapsed > 0 else 0.0
+        rate = (self.done - self.initial) / elapsed if elapsed > 0 else 0.0
         left = (self.total - self.done) / rate if rate > 0 else 0.0
         shown = "".join(f" {name} {value:.4g}" for name, value in values)
         return (

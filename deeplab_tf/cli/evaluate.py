@@ -74,10 +74,12 @@ def main(argv: list[str] | None = None) -> int:
     predictor = predictor_from_args(args)  # a broken checkpoint first, then its data
     data_dir = data_dir_of(checkpoint, args.data_dir)
     print(f"evaluating {predictor.checkpoint.path} on {data_dir} {args.split}")
-    result = evaluation.evaluate(
+    result = evaluation.evaluate_into(
         predictor,
         data_dir,
         args.split,
+        output_dir,
+        overwrite=args.overwrite,
         trimap_widths=widths,
         trimap_source=args.trimap_from,
         max_images=args.max_images,
@@ -87,7 +89,6 @@ def main(argv: list[str] | None = None) -> int:
         crf_backend=args.crf_backend,
         crf_workers=args.crf_workers,
     )
-    evaluation.write_report(result, output_dir, overwrite=args.overwrite)
     print(evaluation.format_results(result.results))
     print(f"results, tables and pictures in {output_dir}")
     return 0

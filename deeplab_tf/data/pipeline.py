@@ -220,13 +220,14 @@ def eval_dataset(
 
 
 def eval_examples(
-    data_dir: str | Path, split: str, count: int | None = None
+    data_dir: str | Path, split: str, count: int | None = None, skip: int = 0
 ) -> Iterator[tuple[tf.Tensor, tf.Tensor]]:
-    """(image, label) batches of one of ``eval_dataset``, the first ``count`` images;
-    a truncated or corrupt shard is a one-line ValueError naming it."""
-    dataset = eval_dataset(data_dir, split)
+    """(image, label) batches of one of ``eval_dataset``, the first ``count`` images
+    less the first ``skip`` (done by an interrupted run); a truncated or corrupt shard
+    is a one-line ValueError naming it."""
+    dataset = eval_dataset(data_dir, split).take(-1 if count is None else count)
     try:
-        yield from dataset.take(-1 if count is None else count)
+        yield from dataset.skip(skip)
     except tf.errors.DataLossError as error:
         raise tfrecord.corrupt_shard_error(data_dir, [split], error) from None
 
