@@ -150,9 +150,10 @@ class PartialDir:
 
     ``settings`` (JSON-ready) say what the job computes: a partial directory left by a
     job with other settings could never be finished and is started afresh. The job's
-    bookkeeping (``job.json``: its settings and PID; whatever state it saves) lives in
+    bookkeeping (``job.json``: its settings and PID; the progress it saves) lives in
     ``state`` (``.job`` inside it) and is removed by ``finish``, which moves the rest
-    onto ``output``. A partial directory whose PID is another live process's is
+    onto ``output``. Used as a context manager, an error before any progress was saved
+    removes it. A partial directory whose PID is another live process's is
     refused: two jobs must not write one output.
 
     Attributes:
@@ -196,8 +197,8 @@ class PartialDir:
             self.discard()
 
     def _holds_work(self) -> bool:
-        saved = [p for p in self.path.iterdir() if p != self.state]
-        return bool(saved) or any(p.name != "job.json" for p in self.state.iterdir())
+        """Whether the job saved any progress to continue from (in ``state``)."""
+        return any(p.name != "job.json" for p in self.state.iterdir())
 
     def finish(self) -> None:
         """Moves the finished outputs onto ``output`` (replacing an old one)."""

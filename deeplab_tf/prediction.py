@@ -12,8 +12,9 @@ plus ``legend.png`` (every class) and ``summary.json`` (settings, outputs, skipp
 inputs). With ``crf_params`` the masks are the dense CRF's refinement of the network's
 probabilities (``deeplab_tf.crf.refine``; the saved probabilities are then the refined
 ones, and each image's probabilities are held whole in memory while it is refined).
-Everything is written into a temporary directory renamed at the end, so an
-interrupted run leaves no half-filled output; an existing directory is replaced only
+Everything is written into ``.OUTPUT_DIR.partial`` (``files.PartialDir``) renamed
+at the end, so an interrupted run leaves no half-filled output, and rerunning it
+continues with the images it had not finished; an existing directory is replaced only
 with ``overwrite``. Unreadable images are reported and skipped.
 """
 
@@ -22,7 +23,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -36,7 +36,7 @@ from deeplab_tf import crf, visualize
 from deeplab_tf.data import pipeline
 from deeplab_tf.data.specs import DatasetSpec, get_spec
 from deeplab_tf.evaluation import check_output_dir
-from deeplab_tf.files import replace_dir, temporary_dir
+from deeplab_tf.files import PartialDir, write_json_atomic
 from deeplab_tf.inference import InferenceError, Predictor
 from deeplab_tf.progress import Progress
 
@@ -171,14 +171,31 @@ def predict_files(
         list(spec.class_names) if spec else [f"class {i}" for i in range(predictor.num_classes)]
     )
     colours = visualize.palette(spec)
-    tmp = temporary_dir(output_dir)
+    model = predictor.identity()
+    settings = {
+        "model": model if model is not None else f"in memory, {os.getpid()}-{id(predictor)}",
+        "inputs": [_file_identity(path) for path in paths],
+        "dataset": spec.name if spec else None,
+        "save_probabilities": save_probabilities,
+        "alpha": alpha,
+        "legend": legend,
+        "crf": None if crf_params is None else [crf_params.to_dict(), crf_backend],
+    }
     written: list[dict[str, Any]] = []
     used: set[str] = set()
-    try:
+    with PartialDir(output_dir, settings) as job:
+        tmp = job.path
+        done = {int(p.stem): p for p in job.state.glob("[0-9]*.json")}
+        if done:
+            print(f"continuing: {len(done)} of {len(paths)} images already predicted", file=stream)
         if legend != "none":
             visualize.save_png(visualize.legend(class_names, colours), tmp / "legend.png")
-        meter = Progress(len(paths), "images", enabled=progress, stream=stream)
+        meter = Progress(len(paths), "images", enabled=progress, stream=stream, initial=len(done))
         for index, path in enumerate(paths, 1):
+            if index in done:  # predicted by an interrupted run of the same job
+                written.append(json.loads(done[index].read_text()))
+                used.add(_output_stem(path, used))
+                continue
             start = time.perf_counter()
             try:
                 image = read_image(path)
@@ -227,6 +244,7 @@ def predict_files(
                     **outputs,
                 }
             )
+            write_json_atomic(job.state / f"{index}.json", written[-1])  # this image is done
             meter.update(index)
         if not written:
             raise InferenceError(f"none of the {len(paths)} images could be read")
@@ -242,8 +260,11 @@ def predict_files(
             "skipped": [{"input": text, "reason": reason} for text, reason in skipped],
         }
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        replace_dir(tmp, output_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        job.finish()
     return summary
+
+
+def _file_identity(path: Path) -> list[Any]:
+    """(absolute path, size, modification time): an input changed since is predicted again."""
+    stat = path.stat()
+    return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
