@@ -41,7 +41,7 @@ import logging
 import math
 import multiprocessing
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -761,6 +761,8 @@ def search_params(
     workers: int | None = None,
     ignore_label: int = IGNORE_LABEL,
     progress: Callable[[int, int], None] | None = None,
+    known: Mapping[CRFParams, np.ndarray] | None = None,
+    on_scored: Callable[[CRFParams, np.ndarray], None] | None = None,
 ) -> SearchResult:
     """Coarse-to-fine grid search of w1, sa, sb maximising mean IoU (v2 paper, sec. 4.1).
 
@@ -780,6 +782,10 @@ def search_params(
             ``workers`` processes (default: the CPU count).
         progress: called as ``progress(done, total)`` with done = 0 when a round starts
             and after each evaluated pair.
+        known: summed confusion matrices of parameter sets evaluated before (by an
+            interrupted search of the same data): taken as they are, not evaluated.
+        on_scored: called with each newly evaluated parameter set and its summed
+            confusion matrix (to keep them for ``known``).
     """
     grid = grid or SearchGrid()
     base = base or CRFParams()
@@ -807,6 +813,7 @@ def search_params(
             raise ValueError(f"labels of image {i} hold values outside 0..{num_classes - 1}")
         data.append((image, probs, label.astype(np.int64)))
     backend = resolve_backend(backend)
+    known = dict(known or {})
     baseline = sum(
         _confusion(label, probs.argmax(-1), num_classes, ignore_label) for _, probs, label in data
     )
@@ -817,8 +824,12 @@ def search_params(
             if round_number > 1:
                 grid = grid.around(best)
             todo = [p for p in grid.combinations(base) if p not in scores]
-            confusions = _evaluate(todo, data, num_classes, ignore_label, backend, pool, progress)
-            for params, confusion in zip(todo, confusions, strict=True):
+            computed = _evaluate(
+                [p for p in todo if p not in known],
+                data, num_classes, ignore_label, backend, pool, progress, on_scored,
+            )  # fmt: skip
+            for params in todo:  # in the grid's order, known or not: the same ties
+                confusion = known[params] if params in known else computed[params]
                 scores[params] = (round_number, _scores(confusion))
             best = max(scores, key=lambda p: scores[p][1]["mean_iou"])  # first of equals
 
@@ -845,9 +856,14 @@ def _scores(confusion: np.ndarray) -> dict[str, float]:
     return {k: float(scores[k]) for k in ("mean_iou", "pixel_accuracy")}
 
 
-def _evaluate(todo, data, num_classes, ignore_label, backend, pool, progress) -> list[np.ndarray]:
-    """Summed confusion matrix of each parameter set in ``todo`` over ``data``."""
+def _evaluate(
+    todo, data, num_classes, ignore_label, backend, pool, progress, on_scored=None
+) -> dict[CRFParams, np.ndarray]:
+    """Summed confusion matrix of each parameter set in ``todo`` over ``data``;
+    ``on_scored(params, matrix)`` as each set's last image is done."""
     tasks = [(params, i) for params in todo for i in range(len(data))]
+    if not tasks:  # all known (a resumed search)
+        return {}
     if backend == "pydensecrf":
         results = pool.map(
             _confusion_task,
@@ -866,11 +882,13 @@ def _evaluate(todo, data, num_classes, ignore_label, backend, pool, progress) ->
     totals = {params: np.zeros((num_classes, num_classes), np.int64) for params in todo}
     if progress is not None:
         progress(0, len(tasks))  # the round starts
-    for done, ((params, _), confusion) in enumerate(zip(tasks, results, strict=True), start=1):
+    for done, ((params, i), confusion) in enumerate(zip(tasks, results, strict=True), start=1):
         totals[params] += confusion
+        if on_scored is not None and i == len(data) - 1:  # tasks come params by params
+            on_scored(params, totals[params])
         if progress is not None:
             progress(done, len(tasks))
-    return [totals[params] for params in todo]
+    return totals
 
 
 def _confusion_task(params: CRFParams, index: int, num_classes: int, ignore_label: int):

@@ -19,6 +19,7 @@ VOC's 500-pixel images; other image sizes may want others.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -32,7 +33,7 @@ import numpy as np
 from deeplab_tf import crf
 from deeplab_tf.data import pipeline
 from deeplab_tf.evaluation import split_for
-from deeplab_tf.files import atomic_file, write_text_atomic
+from deeplab_tf.files import PartialDir, atomic_file, write_json_atomic, write_text_atomic
 from deeplab_tf.inference import InferenceError, Predictor
 from deeplab_tf.progress import Progress
 
@@ -146,17 +147,38 @@ def cached_probabilities(
             print(f"reusing the network's probabilities cached in {path}", file=stream, flush=True)
             return data, True
         print(f"{path} holds other probabilities; computing them again", file=stream, flush=True)
+    # Each image's triple is kept as it comes (files.PartialDir): a rerun after a kill
+    # computes only the images not kept yet.
+    job = None if path is None else PartialDir(path, {"key": key})
+    data = [] if job is None else _read_partial(job)
+    if data:
+        print(f"continuing: {len(data)} of {num_images} images already computed", file=stream)
     print(f"computing the network's probabilities of {num_images} images", file=stream, flush=True)
-    meter = Progress(num_images, "images", stream=stream) if progress else None
-    data = []
-    for image, label in pipeline.eval_examples(data_dir, split, num_images):
+    meter = Progress(num_images, "images", stream=stream, initial=len(data)) if progress else None
+    for image, label in pipeline.eval_examples(data_dir, split, num_images, skip=len(data)):
         image = np.clip(np.rint(image[0].numpy()), 0, 255).astype(np.uint8)
         data.append((image, predictor.predict(image), label[0].numpy().astype(np.uint8)))
+        if job is not None:
+            with atomic_file(job.state / f"{len(data) - 1:06d}.npz", "wb") as f:
+                np.savez(f, *data[-1])
         if meter:
             meter.update()
     if path is not None:
         _write_cache(path, key, data)
+        job.discard()
     return data, False
+
+
+def _read_partial(job: PartialDir) -> list[tuple[np.ndarray, ...]]:
+    """The triples an interrupted run kept, in order, up to the first missing one."""
+    data = []
+    if job.resumed:
+        for i, path in enumerate(sorted(job.state.glob("[0-9]*.npz"))):
+            if path.name != f"{i:06d}.npz":
+                break
+            with np.load(path) as saved:
+                data.append(tuple(saved[f"arr_{k}"] for k in range(3)))
+    return data
 
 
 # === The search ===
@@ -229,6 +251,17 @@ def tune_crf(
     )
     images, probabilities, labels = zip(*data, strict=True)
     grid = grid or crf.SearchGrid()
+    base = base or crf.CRFParams()
+    # The parameter sets evaluated so far are kept as they come (files.PartialDir): a
+    # rerun after a kill evaluates only the others, and ends with the same table.
+    key = _cache_key(predictor, data_dir, split, num_images)
+    job = None
+    if key is not None:
+        search = {"grid": dataclasses.asdict(grid), "base": base.to_dict(), "rounds": rounds}
+        job = PartialDir(output_dir / PARAMS_FILE, {"key": key, **search, "backend": backend})
+    journal = _Journal(job)
+    if journal.known:
+        print(f"continuing: {len(journal.known)} parameter sets already evaluated", file=stream)
     result = crf.search_params(
         images,
         probabilities,
@@ -240,6 +273,8 @@ def tune_crf(
         backend=backend,
         workers=workers,
         progress=_search_progress(stream) if progress else None,
+        known=journal.known,
+        on_scored=journal.add if job is not None else None,
     )
     table = crf.format_results_table(result, top)
     context = {
@@ -252,5 +287,24 @@ def tune_crf(
     }
     crf.write_search_result(output_dir / PARAMS_FILE, result, **context)
     write_text_atomic(output_dir / TABLE_FILE, f"```\n{table}\n```\n")
+    if job is not None:
+        job.discard()
     print(table, file=stream, flush=True)
     return result
+
+
+class _Journal:
+    """The summed confusion matrix of each evaluated parameter set, in ``job.state``."""
+
+    def __init__(self, job: PartialDir | None):
+        self.path = None if job is None else job.state / "scored.json"
+        self.rows: list[dict[str, Any]] = []
+        if job is not None and job.resumed and self.path.is_file():
+            self.rows = json.loads(self.path.read_text())
+        self.known = {
+            crf.CRFParams.from_dict(row["params"]): np.array(row["confusion"]) for row in self.rows
+        }
+
+    def add(self, params: crf.CRFParams, confusion: np.ndarray) -> None:
+        self.rows.append({"params": params.to_dict(), "confusion": confusion.tolist()})
+        write_json_atomic(self.path, self.rows, indent=None)
