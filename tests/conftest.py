@@ -61,6 +61,7 @@ SLOWEST_FIRST = tuple(
         "inference",
         "export",
         "export_cli",
+        "kill_rerun",
         "user_path",
         "console",
         "faults",
