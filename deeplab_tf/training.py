@@ -43,7 +43,7 @@ from deeplab_tf.data.shapes import ensure_shapes_tfrecords
 from deeplab_tf.data.specs import DatasetSpec, get_spec, spec_from_dict
 from deeplab_tf.data.tfrecord import corrupt_shard_error, read_manifest
 from deeplab_tf.evaluation import SCORE_KEYS, evaluate, format_results
-from deeplab_tf.files import save_model_atomic, write_json_atomic
+from deeplab_tf.files import save_model_atomic, temporary_name, write_json_atomic
 from deeplab_tf.inference import Predictor, resolve_checkpoint
 from deeplab_tf.keras_patches import patch_keras_for_distribution
 from deeplab_tf.losses import (
@@ -403,6 +403,26 @@ class TerminateOnNaNWithAdvice(keras.callbacks.Callback):
             )
 
 
+class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
+    """``BackupAndRestore`` whose backup (weights, then the epoch it reached) is replaced
+    by renames: Keras writes both in place, so a kill while the first backup is written
+    leaves a truncated weights file (or a half JSON) that no rerun can load."""
+
+    def _save_model(self) -> None:
+        os.makedirs(self.backup_dir, exist_ok=True)
+        weights = temporary_name(self._weights_path, suffix=".weights.h5")  # Keras's suffix
+        try:
+            self.model.save_weights(str(weights), overwrite=True)
+            os.replace(weights, self._weights_path)
+        except BaseException:
+            weights.unlink(missing_ok=True)
+            raise
+        write_json_atomic(
+            self._training_metadata_path,
+            {"epoch": self._current_epoch, "batch": self._last_batch_seen},
+        )
+
+
 class AtomicCheckpoints(keras.callbacks.Callback):
     """``last.keras`` every epoch and ``best.keras`` on a new best ``monitor``, atomically."""
 
@@ -723,7 +743,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         samples = list(pipeline.eval_dataset(data_dir, recipe.val_split).take(4))
     same_size = len({tuple(x.shape) for x, _ in samples}) == 1
     callbacks: list[keras.callbacks.Callback] = [
-        keras.callbacks.BackupAndRestore(str(write_dir / "backup"), double_checkpoint=True),
+        AtomicBackupAndRestore(str(write_dir / "backup")),
         TerminateOnNaNWithAdvice(),
         keras.callbacks.CSVLogger(str(write_dir / "history.csv"), append=True),
         keras.callbacks.TensorBoard(str(write_dir / "logs"), write_graph=False),

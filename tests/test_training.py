@@ -215,6 +215,37 @@ def test_killed_run_resumes_from_its_backup(tiny_shapes, tmp_path):
     assert not (model_dir / "backup").exists()  # removed once the run finished
 
 
+def test_a_backup_interrupted_while_written_leaves_the_one_before(tmp_path):
+    """Keras writes its backup in place: killed while writing the first one, a rerun
+    found a truncated weights file it could not load (bench/kill.py). Now a backup
+    interrupted while written leaves the previous one whole, and no temporary."""
+    import keras
+
+    from deeplab_tf.training import AtomicBackupAndRestore
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile("adam", "mse")
+    backup = AtomicBackupAndRestore(str(tmp_path))
+    backup.set_model(model)
+    backup._current_epoch = 1
+    backup._save_model()
+    weights = (tmp_path / "latest.weights.h5").read_bytes()
+
+    def torn(filepath, overwrite=True):
+        Path(filepath).write_bytes(weights[: len(weights) // 2])
+        raise KeyboardInterrupt  # as a kill in the middle of the write
+
+    model.save_weights = torn
+    backup._current_epoch = 2
+    with pytest.raises(KeyboardInterrupt):
+        backup._save_model()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "latest.weights.h5", "training_metadata.json"
+    ]  # fmt: skip
+    assert (tmp_path / "latest.weights.h5").read_bytes() == weights
+    assert json.loads((tmp_path / "training_metadata.json").read_text())["epoch"] == 1
+
+
 # Two logical CPU devices for MirroredStrategy, set before anything else uses TensorFlow.
 TWO_DEVICES = textwrap.dedent(
     """
