@@ -77,7 +77,6 @@ FORMATS = ("savedmodel", "tflite", "keras")
 QUANTIZATIONS = ("none", "float16", "int8")
 KERAS_FILE = "model.keras"
 MANIFEST = "export.json"
-CRF_MISSING = "the TensorFlow CRF backend is not available in this build"
 # The SavedModel's signatures and their inputs (outputs: see the module docstring).
 # The largest image side the SavedModel's signatures accept (they run whole images):
 # export.py --max-image-size; export.json records it.
@@ -164,10 +163,8 @@ def resolve_version_dir(
 def load_crf(params_file: str | os.PathLike | None = None):
     """The dense CRF of ``deeplab_tf.crf`` as ``f(images, probabilities) -> refined`` on
     batches in TensorFlow ops, with the parameters of ``params_file`` (or the defaults)."""
-    try:
-        from deeplab_tf import crf
-    except ImportError:
-        raise ExportError(CRF_MISSING) from None
+    from deeplab_tf import crf
+
     params = crf.CRFParams.load(params_file) if params_file else crf.CRFParams()
     return lambda images, probabilities: crf.crf_tensorflow(images, probabilities, params)
 

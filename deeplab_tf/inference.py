@@ -10,7 +10,7 @@ and turns an RGB image of any size into probabilities:
   left-right mirror; the logits are bilinearly resized (corners aligned) to the
   image size and the mirrored ones flipped back. ``fusion="mean"`` averages the
   softmax probabilities (v3); ``fusion="max"`` takes the per-pixel maximum of the
-  logits before the softmax (v2 MSC, section 3.3).
+  logits before the softmax (v2 MSC, section 3.2).
 * **sliding windows** (v2 paper, section 4.4: Cityscapes "split into overlapping
   regions"): an image larger than ``tile_size`` in either dimension is cut into
   overlapping tiles (``tile_overlap`` of the tile), each tile gets the scales and

@@ -1,4 +1,3 @@
-import importlib.util
 import json
 import os
 import signal
@@ -12,7 +11,6 @@ import numpy as np
 import pytest
 
 import export
-from deeplab_tf.export import CRF_MISSING
 from tests.helpers import tiny_model, write_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,14 +59,10 @@ def test_missing_checkpoint(capsys, tmp_path):
 
 def test_crf_option(capsys, model_dir, tmp_path):
     args = ["--model-dir", model_dir, "--export-dir", tmp_path, "--crf"]
-    if importlib.util.find_spec("deeplab_tf.crf") is None:
-        assert _one_line_error(capsys, *args) == f"error: {CRF_MISSING}"
-        assert not (tmp_path / "tiny").exists()
-    else:
-        code, out, err = _run(capsys, *args)
-        assert code == 0, err
-        manifest = json.loads((tmp_path / "tiny" / "1" / "export.json").read_text())
-        assert manifest["inference"]["crf"] is True and "with the dense CRF" in out
+    code, out, err = _run(capsys, *args)
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "tiny" / "1" / "export.json").read_text())
+    assert manifest["inference"]["crf"] is True and "with the dense CRF" in out
 
 
 def test_versions_are_never_replaced_without_overwrite(capsys, model_dir, tmp_path):
