@@ -41,6 +41,8 @@ import logging
 import math
 import multiprocessing
 import os
+import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
@@ -289,6 +291,21 @@ _WORKER_DATA: list[tuple[np.ndarray, ...]] = []
 def _set_worker_data(data: list[tuple[np.ndarray, ...]]) -> None:
     global _WORKER_DATA
     _WORKER_DATA = data
+    _exit_with_parent()
+
+
+def _exit_with_parent(every_s: float = 1.0) -> None:
+    """Ends this worker process when its parent is gone. A parent killed with SIGKILL
+    cannot stop its pool, and the workers, waiting on a queue whose other end they
+    hold themselves, would otherwise live on (holding their copy of the data)."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
 
 
 def _pool(backend: str, workers: int | None, data: list[tuple[np.ndarray, ...]]) -> Executor:

@@ -68,6 +68,24 @@ def kill_when(script: str, args: list[str], ready: Callable[[], bool]) -> None:
     finally:
         process.send_signal(signal.SIGKILL)
         process.wait()
+    # Nothing of the killed job lives on: its worker processes (the CRF's pool) end
+    # with it, within their one-second watch of the parent.
+    deadline = time.monotonic() + 10
+    while _processes_running(args[-1]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _processes_running(args[-1]), f"{script}'s processes outlived it"
+
+
+def _processes_running(argument: str) -> list[int]:
+    """PIDs of the processes with ``argument`` in their command line (Linux /proc)."""
+    pids = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            if argument in entry.joinpath("cmdline").read_bytes().decode(errors="replace"):
+                pids.append(int(entry.name))
+        except OSError:  # ended meanwhile
+            continue
+    return pids
 
 
 def _count(path: Path, pattern: str) -> int:
