@@ -6,8 +6,10 @@ For each job, one uninterrupted run (the reference, and its duration T), then fo
 of ``--points`` moments spread over (0, T) (after the process starts, so TensorFlow's
 import is part of it): start the job, SIGKILL it at that moment, rerun the identical
 command to its end. One JSON line per (job, moment): when it was killed, whether the
-rerun continued earlier work (its output says "continuing", "resumes" or "kept"), its
-exit code and seconds, whether its outputs equal the reference's (timings aside), and
+rerun continued earlier work (its output says "continuing", "resuming" or "kept"), its
+exit code and seconds (a job killed after its output was complete is refused by the
+rerun, "exists; pass --overwrite": counted as finished), whether its outputs equal the
+reference's (timings and paths aside), and
 the temporaries or partial directories left anywhere in the work directory afterwards.
 
 Jobs: make_shapes, build_from_folders, train, evaluate, predict, tune_crf, export. The
@@ -69,8 +71,9 @@ def _tree(root: Path) -> dict[str, object]:
                 for r in tf.data.TFRecordDataset(str(path))
             ]
             summary[name] = [[(k, str(v)) for k, v in rec] for rec in summary[name]]
-        elif path.suffix == ".npz" or path.name.endswith(".keras") or "variables" in name:
-            summary[name] = "present"  # keys and weights hold paths/timestamps
+        elif path.suffix in (".npz", ".keras", ".pb") or "variables" in name:
+            # Cache keys hold paths; SavedModel graphs name functions per process.
+            summary[name] = "present"
         else:
             summary[name] = path.read_bytes()
     return summary
@@ -224,6 +227,9 @@ def main() -> None:
             reset()
             killed_code, _, _ = _run(command, kill_after)
             code, text, rerun_seconds = _run(command)
+            error = text.strip().splitlines()[-1] if code and text.strip() else None
+            # Killed after its output was complete: the rerun refuses to replace it.
+            finished = code == 2 and error is not None and "exists; pass --overwrite" in error
             row = {
                 "job": job,
                 "uninterrupted_s": round(seconds, 2),
@@ -232,9 +238,10 @@ def main() -> None:
                 "rerun_code": code,
                 "rerun_s": round(rerun_seconds, 2),
                 "continued": any(word in text for word in CONTINUED),
-                "same_outputs": code == 0 and same(job, reference, output),
+                "finished_before_kill": finished,
+                "same_outputs": (code == 0 or finished) and same(job, reference, output),
                 "leftovers": _leftovers(work),
-                "error": text.strip().splitlines()[-1] if code and text.strip() else None,
+                "error": error,
                 **machine,
             }
             print(json.dumps(row), flush=True)

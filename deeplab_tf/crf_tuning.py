@@ -285,10 +285,12 @@ def tune_crf(
         "grid": {"w1": grid.w1, "sa": grid.sa, "sb": grid.sb},
         "rounds": rounds,
     }
-    crf.write_search_result(output_dir / PARAMS_FILE, result, **context)
     write_text_atomic(output_dir / TABLE_FILE, f"```\n{table}\n```\n")
     if job is not None:
+        # Before the results: a kill between the two loses the journal (a rerun searches
+        # again), never leaves it beside finished results (a rerun would refuse them).
         job.discard()
+    crf.write_search_result(output_dir / PARAMS_FILE, result, **context)
     print(table, file=stream, flush=True)
     return result
 
