@@ -42,13 +42,16 @@ CONTINUED = ("continuing", "resuming from the backup", ", kept", "reusing")
 
 
 def _json(path: Path, drop: tuple[str, ...] = ()) -> object:
-    data = json.loads(path.read_text())
-    if isinstance(data, dict):
-        for key in drop:
-            data.pop(key, None)
-        for image in data.get("images", []) if isinstance(data.get("images"), list) else []:
-            image.pop("seconds", None)
-    return data
+    """A JSON file without the keys in ``drop``, at any depth."""
+
+    def without(value: object) -> object:
+        if isinstance(value, dict):
+            return {k: without(v) for k, v in value.items() if k not in drop}
+        if isinstance(value, list):
+            return [without(v) for v in value]
+        return value
+
+    return without(json.loads(path.read_text()))
 
 
 def _tree(root: Path) -> dict[str, object]:
@@ -63,7 +66,9 @@ def _tree(root: Path) -> dict[str, object]:
         name = str(path.relative_to(root))
         if path.suffix == ".json":
             summary[name] = _json(
-                path, ("seconds", "images_per_second", "data_dir", "checkpoint", "created")
+                # timings, paths, and the sizes of SavedModel files (graphs vary)
+                path,
+                ("seconds", "images_per_second", "data_dir", "checkpoint", "bytes"),
             )
         elif path.suffix == ".tfrecord":  # the feature map's order varies between processes
             summary[name] = [
