@@ -506,10 +506,9 @@ def evaluate_into(
         InferenceError: an existing ``output_dir`` without ``overwrite``; as ``evaluate``.
     """
     output_dir = check_output_dir(output_dir, overwrite)
-    model = predictor.identity()
     ignored = ("progress", "crf_workers")  # change nothing in the scores
     settings = {
-        "model": model if model is not None else f"in memory, {os.getpid()}-{id(predictor)}",
+        "model": predictor.job_identity(),
         "data_dir": str(Path(data_dir).resolve()),
         "split": split,
         **{k: v.to_dict() if isinstance(v, crf.CRFParams) else v for k, v in options.items()

@@ -371,6 +371,11 @@ class Predictor:
             "inference": self.settings(),
         }
 
+    def job_identity(self) -> dict[str, Any] | str:
+        """``identity()`` for a resumable job's settings; a model without a file gets a
+        token of this process and object, so its partial work is never resumed."""
+        return self.identity() or f"in memory, {os.getpid()}-{id(self)}"
+
     def batch_probabilities(self, images: tf.Tensor) -> tf.Tensor:
         """Probabilities float32 [N, h, w, C] of images float32 [N, h, w, 3] (pixels in
         [0, 255]), each fused over the scales and flips: a TensorFlow function, traced

@@ -171,9 +171,8 @@ def predict_files(
         list(spec.class_names) if spec else [f"class {i}" for i in range(predictor.num_classes)]
     )
     colours = visualize.palette(spec)
-    model = predictor.identity()
     settings = {
-        "model": model if model is not None else f"in memory, {os.getpid()}-{id(predictor)}",
+        "model": predictor.job_identity(),
         "inputs": [_file_identity(path) for path in paths],
         "dataset": spec.name if spec else None,
         "save_probabilities": save_probabilities,
