@@ -38,6 +38,8 @@ import tensorflow as tf
 from PIL import Image
 
 from deeplab_tf import crf
+from deeplab_tf.crf.lattice import build_lattice
+from deeplab_tf.crf.mean_field import kernel_features
 
 CASES = ((375, 500, 21), (1024, 2048, 19))
 QUICK_CASES = ((94, 125, 21), (128, 256, 19))
@@ -86,10 +88,10 @@ def _median_seconds(fn, repeats: int) -> tuple[float, float]:
 
 
 def _vertices_per_pixel(image: np.ndarray, params: crf.CRFParams) -> float:
-    bilateral, _, image_ids, num_images = crf._kernel_features(
+    bilateral, _, image_ids, num_images = kernel_features(
         tf.constant(image[None]), params.sa, params.sb, params.sg
     )
-    num_vertices = crf._lattice(bilateral, image_ids, num_images)[3]
+    num_vertices = build_lattice(bilateral, image_ids, num_images)[3]
     return int(num_vertices) / (image.shape[0] * image.shape[1])
 
 

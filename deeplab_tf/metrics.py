@@ -1,5 +1,7 @@
 """Streaming mean IoU from a confusion matrix, and every score derived from that matrix.
 
+``confusion_matrix`` counts one in numpy (outside graphs).
+
 ``confusion_matrix_scores`` is the one place the scores are defined; the Keras
 metric ``MeanIoU`` and evaluation code both use it.
 """
@@ -62,6 +64,20 @@ def confusion_matrix_scores(confusion: Any) -> dict[str, tf.Tensor]:
         "mean_class_accuracy": mean_over(class_accuracy, in_labels),
         "frequency_weighted_iou": tf.math.divide_no_nan(tf.reduce_sum(label_pixels * iou), total),
     }
+
+
+def confusion_matrix(
+    labels: Any, predictions: Any, num_classes: int, ignore_label: int = IGNORE_LABEL
+) -> np.ndarray:
+    """The int64 confusion matrix M[true, predicted] of integer label and prediction
+    arrays of one shape, in numpy (the counts ``MeanIoU`` accumulates in TensorFlow);
+    ``ignore_label`` pixels are not counted. For work outside a graph: the CRF search
+    sums it over (parameter set, image) pairs in worker processes."""
+    labels = np.asarray(labels, np.int64)
+    predictions = np.asarray(predictions, np.int64)
+    valid = labels != ignore_label
+    cells = labels[valid] * num_classes + predictions[valid]
+    return np.bincount(cells, minlength=num_classes**2).reshape(num_classes, num_classes)
 
 
 @keras.saving.register_keras_serializable(package="deeplab_tf")

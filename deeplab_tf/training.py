@@ -829,30 +829,6 @@ def _backed_up_epoch(backup_dir: Path) -> int:
     return int(json.loads(metadata.read_text()).get("epoch", 0))
 
 
-def parse_class_weights(text: str | None) -> tuple[float, ...] | str | None:
-    """``--class-weights``: comma-separated numbers or a method name."""
-    if text is None:
-        return None
-    if text in CLASS_WEIGHT_METHODS:
-        return text
-    try:
-        return tuple(float(v) for v in text.split(","))
-    except ValueError as error:
-        raise TrainingError(
-            "--class-weights must be comma-separated numbers or one of "
-            f"{list(CLASS_WEIGHT_METHODS)}"
-        ) from error
-
-
-def parse_int_list(text: str | None, flag: str) -> tuple[int, ...]:
-    if not text:
-        return ()
-    try:
-        return tuple(int(v) for v in text.split(","))
-    except ValueError as error:
-        raise TrainingError(f"{flag} must be comma-separated integers, got {text!r}") from error
-
-
 __all__: Sequence[str] = [
     "STRATEGIES",
     "TrainConfig",

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tomllib
 from PIL import Image
 
 from deeplab_tf.console import VERBOSE_ENV, is_tensorflow_log_line
@@ -77,7 +78,9 @@ for name in sys.argv[1:]:
 
 
 def test_a_cli_prints_only_its_own_output():
-    tools = sorted(p.stem for p in (ROOT / "deeplab_tf" / "cli").glob("[a-z]*.py"))
+    # The installed scripts (pyproject.toml) name the tools.
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    tools = sorted(target.split(":")[0].rsplit(".", 1)[1] for target in scripts.values())
     assert len(tools) == 10
     done = _run("-c", HELP_ALL, *tools)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -12,6 +12,7 @@ import tensorflow as tf
 from scipy import ndimage
 
 from deeplab_tf import crf
+from deeplab_tf.crf import pydensecrf_backend
 from tests.tolerances import assert_refinements_agree, sum_rtol, sum_to_one_atol
 
 BACKENDS = ("pydensecrf", "tensorflow")
@@ -164,7 +165,7 @@ def test_params_validation_and_json_round_trip(tmp_path):
 
 
 def test_missing_pydensecrf_falls_back_to_tensorflow_with_a_log_line(monkeypatch, caplog):
-    monkeypatch.setattr(crf, "pydensecrf_available", lambda: False)
+    monkeypatch.setattr(pydensecrf_backend, "pydensecrf_available", lambda: False)
     with caplog.at_level(logging.WARNING, logger="deeplab_tf.crf"):
         assert crf.resolve_backend("auto") == "tensorflow"
         assert crf.resolve_backend("pydensecrf") == "tensorflow"

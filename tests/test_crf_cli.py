@@ -212,7 +212,7 @@ def test_bad_params_file_is_a_one_line_error(model_dir, tmp_path, capsys, conten
         (["--w1", "3,x"], "--w1 must be numbers or START:STEP:STOP ranges"),
         (["--sb", "0,3"], "CRF sb must be a finite number > 0"),
         (["--num-images", "0"], "--num-images must be positive"),
-        (["--rounds", "0"], "--rounds must be >= 1"),
+        (["--rounds", "0"], "--rounds must be positive"),
         (["--split", "test"], "no split 'test'"),
     ],
 )

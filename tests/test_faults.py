@@ -20,7 +20,7 @@ import train as train_cli
 import tune_crf as tune_crf_cli
 from deeplab_tf import build_model, crf
 from deeplab_tf.cli import build_cityscapes, build_from_folders, build_voc2012, make_shapes
-from deeplab_tf.console import MAX_ERROR_CHARS
+from deeplab_tf.cli.common import MAX_ERROR_CHARS
 from deeplab_tf.data.shapes import ensure_shapes_tfrecords
 from deeplab_tf.data.tfrecord import list_shards
 from deeplab_tf.inference import InferenceError, Predictor

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from deeplab_tf.metrics import MeanIoU, confusion_matrix_scores
+from deeplab_tf.metrics import MeanIoU, confusion_matrix, confusion_matrix_scores
 from tests.test_losses import assert_init_args_in_config, numpy_bilinear_aligned, random_labels
 
 rng = np.random.default_rng(1)
@@ -20,6 +20,16 @@ def numpy_confusion(labels, predictions, num_classes, weights=None, ignore=255):
         if t != ignore:
             m[t, p] += wt
     return m
+
+
+def test_numpy_confusion_matrix_counts_as_the_reference_loop():
+    """``metrics.confusion_matrix`` (the CRF search's counts) against the loop above."""
+    labels = rng.integers(0, 5, (3, 17, 23))
+    labels[:, ::4] = 255  # ignored rows
+    predictions = rng.integers(0, 5, labels.shape)
+    counts = confusion_matrix(labels, predictions, 5)
+    assert counts.dtype == np.int64
+    np.testing.assert_array_equal(counts, numpy_confusion(labels, predictions, 5))
 
 
 def numpy_scores(m):

@@ -18,47 +18,33 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from deeplab_tf import console
-from deeplab_tf.data.build import add_common_args, build_split
-from deeplab_tf.data.sources import CITYSCAPES_EXPECTED_COUNTS, CITYSCAPES_SPLITS, cityscapes_pairs
-from deeplab_tf.data.specs import SPECS
+from deeplab_tf.cli import common
+from deeplab_tf.data import sources
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = console.ArgumentParser(
-        description=__doc__.splitlines()[0], epilog=console.VERBOSE_HELP
-    )
+    parser = common.tool_parser(__doc__)
     parser.add_argument("--cityscapes-root", required=True, type=Path)
-    parser.add_argument("--splits", nargs="+", default=["train", "val"], choices=CITYSCAPES_SPLITS)
+    parser.add_argument(
+        "--splits", nargs="+", default=["train", "val"], choices=sources.CITYSCAPES_SPLITS
+    )
     parser.add_argument("--coarse", action="store_true", help="use gtCoarse annotations")
     parser.add_argument("--no-count-check", action="store_true", help="allow partial data")
-    add_common_args(parser)
-    console.add_verbose_argument(parser)
-    return parser.parse_args(argv)
+    common.add_build_arguments(parser)
+    return common.parse(parser, argv)
 
 
-@console.handles_errors
+@common.handles_errors
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    annotations = "gtCoarse" if args.coarse else "gtFine"
-
-    def build() -> None:
-        for split in args.splits:
-            pairs = cityscapes_pairs(args.cityscapes_root, split, annotations)
-            expected = CITYSCAPES_EXPECTED_COUNTS.get((annotations, split))
-            build_split(
-                pairs, SPECS["cityscapes"], args.output_dir,
-                f"coarse_{split}" if args.coarse else split,
-                num_shards=args.num_shards, skip_bad=args.skip_bad, overwrite=args.overwrite,
-                expected_count=None if args.no_count_check else expected,
-                progress=not args.quiet,
-            )  # fmt: skip
-
-    build()
+    sources.build_cityscapes(
+        args.cityscapes_root, args.output_dir, args.splits, coarse=args.coarse,
+        check_counts=not args.no_count_check, **common.build_options(args),
+    )  # fmt: skip
     return 0
 
 
-cli = console.entry_point(main)
+cli = common.entry_point(main)
 
 if __name__ == "__main__":
     cli()

@@ -19,16 +19,14 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from deeplab_tf import console
-from deeplab_tf.data.build import MASK_FORMATS, add_common_args, build_split
-from deeplab_tf.data.sources import folder_pairs
+from deeplab_tf.cli import common
+from deeplab_tf.data import sources
+from deeplab_tf.data.build import MASK_FORMATS
 from deeplab_tf.data.specs import get_spec
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = console.ArgumentParser(
-        description=__doc__.splitlines()[0], epilog=console.VERBOSE_HELP
-    )
+    parser = common.tool_parser(__doc__)
     parser.add_argument("--dataset", required=True, help="registered name or .json/.yaml file")
     parser.add_argument("--images", required=True, type=Path, help="images directory")
     parser.add_argument("--masks", required=True, type=Path, help="masks directory")
@@ -37,31 +35,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="split name, optionally with a list file of stems (repeatable; default: train)",
     )  # fmt: skip
     parser.add_argument("--mask-format", choices=MASK_FORMATS, default="auto")
-    add_common_args(parser)
-    console.add_verbose_argument(parser)
-    return parser.parse_args(argv)
+    common.add_build_arguments(parser)
+    return common.parse(parser, argv)
 
 
-@console.handles_errors
+@common.handles_errors
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-
-    def build() -> None:
-        spec = get_spec(args.dataset)
-        for item in args.split or ["train"]:
-            name, _, list_file = item.partition("=")
-            pairs = folder_pairs(args.images, args.masks, list_file or None)
-            build_split(
-                pairs, spec, args.output_dir, name,
-                num_shards=args.num_shards, skip_bad=args.skip_bad, overwrite=args.overwrite,
-                mask_format=args.mask_format, progress=not args.quiet,
-            )  # fmt: skip
-
-    build()
+    sources.build_from_folders(
+        args.images, args.masks, get_spec(args.dataset), args.output_dir,
+        args.split or ["train"], mask_format=args.mask_format, **common.build_options(args),
+    )  # fmt: skip
     return 0
 
 
-cli = console.entry_point(main)
+cli = common.entry_point(main)
 
 if __name__ == "__main__":
     cli()

@@ -10,13 +10,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from deeplab_tf import console
+from deeplab_tf.cli import common
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = console.ArgumentParser(
-        description=__doc__.splitlines()[0], epilog=console.VERBOSE_HELP
-    )
+    parser = common.tool_parser(__doc__)
     parser.add_argument("--list", action="store_true", help="list the variants and exit")
     parser.add_argument("name", nargs="?", metavar="VARIANT", help="a name from --list")
     parser.add_argument("--variant", help="the same as VARIANT (default: deeplabv3)")
@@ -25,15 +23,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--input-size", type=int, nargs="+", default=[513], help="H [W] of the test image"
     )
-    console.add_verbose_argument(parser)
-    args = parser.parse_args(argv)
+    args = common.parse(parser, argv)
     if args.name and args.variant and args.name != args.variant:
         parser.error(f"two variants given: {args.name} and --variant {args.variant}")
     args.variant = args.name or args.variant or "deeplabv3"
     return args
 
 
-@console.handles_errors
+@common.handles_errors
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from deeplab_tf import VARIANTS
@@ -51,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-cli = console.entry_point(main)
+cli = common.entry_point(main)
 
 if __name__ == "__main__":
     cli()

@@ -19,19 +19,12 @@ from __future__ import annotations
 
 import argparse
 
-from deeplab_tf import console
+from deeplab_tf.cli import common
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from deeplab_tf.crf import add_crf_arguments
-    from deeplab_tf.inference import add_predictor_arguments
-
-    p = console.ArgumentParser(
-        description=__doc__.splitlines()[0],
-        epilog=console.VERBOSE_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_predictor_arguments(p)
+    p = common.tool_parser(__doc__)
+    common.add_predictor_arguments(p)
     p.add_argument("--data-dir", help="TFRecords (default: the checkpoint's training data)")
     p.add_argument("--split", default="val")
     p.add_argument("--trimap", help="band widths in pixels, e.g. 1,2,5,10,20,40")
@@ -43,35 +36,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--max-images", type=int, help="only the first N images (a quick look)")
     p.add_argument("--panels", type=int, default=8, help="image|label|prediction pictures")
-    p.add_argument("--output-dir", help="default: CHECKPOINT_DIR/eval-SPLIT")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output dir")
-    p.add_argument("--quiet", action="store_true", help="no progress lines")
-    add_crf_arguments(p)
-    console.add_verbose_argument(p)
-    return p.parse_args(argv)
+    common.add_output_arguments(p, "default: CHECKPOINT_DIR/eval-SPLIT")
+    common.add_crf_arguments(p)
+    return common.parse(p, argv)
 
 
-@console.handles_errors
+@common.handles_errors
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from deeplab_tf import evaluation
-    from deeplab_tf.crf import crf_params_from_args
-    from deeplab_tf.inference import (
-        InferenceError,
-        data_dir_of,
-        predictor_from_args,
-        read_checkpoint_info,
-    )
-    from deeplab_tf.training import parse_int_list
+    from deeplab_tf.inference import data_dir_of, read_checkpoint_info
 
-    widths = parse_int_list(args.trimap, "--trimap")
-    if args.max_images is not None and args.max_images < 1:
-        raise InferenceError("--max-images must be positive")
-    crf_params = crf_params_from_args(args)
+    widths = common.parse_int_list(args.trimap, "--trimap")
+    common.positive(args.max_images, "--max-images")
+    crf_params = common.crf_params_from_args(args)
     checkpoint = read_checkpoint_info(args.checkpoint)
     output_dir = args.output_dir or checkpoint.path.parent / f"eval-{args.split}"
     evaluation.check_output_dir(output_dir, args.overwrite)  # fail before the work
-    predictor = predictor_from_args(args)  # a broken checkpoint first, then its data
+    predictor = common.predictor_from_args(args)  # a broken checkpoint first, then its data
     data_dir = data_dir_of(checkpoint, args.data_dir)
     print(f"evaluating {predictor.checkpoint.path} on {data_dir} {args.split}")
     result = evaluation.evaluate_into(
@@ -94,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-cli = console.entry_point(main)
+cli = common.entry_point(main)
 
 if __name__ == "__main__":
     cli()

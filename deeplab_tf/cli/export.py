@@ -17,16 +17,12 @@ from __future__ import annotations
 
 import argparse
 
-from deeplab_tf import console
+from deeplab_tf.cli import common
 from deeplab_tf.export import DEFAULT_MAX_IMAGE_SIZE
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = console.ArgumentParser(
-        description=__doc__.splitlines()[0],
-        epilog=console.VERBOSE_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = common.tool_parser(__doc__)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--model-dir", help="a training model directory (its best.keras)")
     source.add_argument("--checkpoint", help="a .keras file (or a model directory)")
@@ -60,11 +56,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=DEFAULT_MAX_IMAGE_SIZE,
         help="the largest image side the SavedModel accepts (it runs whole images)",
     )
-    console.add_verbose_argument(p)
-    return p.parse_args(argv)
+    return common.parse(p, argv)
 
 
-@console.handles_errors
+@common.handles_errors
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from deeplab_tf import export, prediction
@@ -110,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-cli = console.entry_point(main)
+cli = common.entry_point(main)
 
 if __name__ == "__main__":
     cli()

@@ -15,15 +15,12 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from deeplab_tf import console
+from deeplab_tf.cli import common
 from deeplab_tf.data import shapes
-from deeplab_tf.data.build import BadInputError
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = console.ArgumentParser(
-        description=__doc__.splitlines()[0], epilog=console.VERBOSE_HELP
-    )
+    parser = common.tool_parser(__doc__)
     parser.add_argument("--output-dir", required=True, type=Path, help="VOC-layout tree")
     parser.add_argument("--tfrecord-dir", type=Path, help="also build TFRecords here")
     parser.add_argument("--num-train", type=int, default=shapes.DEFAULTS["num_train"])
@@ -32,37 +29,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=shapes.DEFAULTS["seed"])
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     parser.add_argument("--quiet", action="store_true", help="no progress")
-    console.add_verbose_argument(parser)
-    return parser.parse_args(argv)
+    return common.parse(parser, argv)
 
 
-@console.handles_errors
+@common.handles_errors
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-
-    def make() -> None:
-        params = {"num_train": args.num_train, "num_val": args.num_val,
-                  "image_size": args.image_size, "seed": args.seed}  # fmt: skip
-        if not args.overwrite and shapes.generated_with(args.output_dir, **params):
-            # The same command again (say after a kill while the TFRecords were built).
-            print(f"{args.output_dir}: already generated with these settings, kept")
-        else:
-            try:
-                shapes.generate_shapes(
-                    args.output_dir, overwrite=args.overwrite, progress=not args.quiet, **params
-                )
-            except FileExistsError as e:
-                raise BadInputError(str(e)) from None
-        if args.tfrecord_dir is not None:
-            shapes.build_shapes_tfrecords(
-                args.output_dir, args.tfrecord_dir, args.overwrite, progress=not args.quiet
-            )
-
-    make()
+    shapes.make_shapes(
+        args.output_dir, args.tfrecord_dir, overwrite=args.overwrite, progress=not args.quiet,
+        num_train=args.num_train, num_val=args.num_val, image_size=args.image_size,
+        seed=args.seed,
+    )  # fmt: skip
     return 0
 
 
-cli = console.entry_point(main)
+cli = common.entry_point(main)
 
 if __name__ == "__main__":
     cli()

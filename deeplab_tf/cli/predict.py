@@ -17,23 +17,14 @@ from __future__ import annotations
 
 import argparse
 
-from deeplab_tf import console
+from deeplab_tf.cli import common
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from deeplab_tf.crf import add_crf_arguments
-    from deeplab_tf.inference import add_predictor_arguments
-
-    p = console.ArgumentParser(
-        description=__doc__.splitlines()[0],
-        epilog=console.VERBOSE_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = common.tool_parser(__doc__)
     p.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
-    add_predictor_arguments(p)
-    p.add_argument("--output-dir", default="predictions")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output dir")
-    p.add_argument("--quiet", action="store_true", help="no progress")
+    common.add_predictor_arguments(p)
+    common.add_output_arguments(p, "default: predictions", default="predictions")
     p.add_argument("--dataset", help="class names and colours (default: the checkpoint's data)")
     p.add_argument("--save-probabilities", action="store_true", help="NAME_probabilities.npy")
     p.add_argument("--alpha", type=float, default=0.5, help="opacity of the overlay colours")
@@ -43,22 +34,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="overlay",
         help="beside each overlay (and legend.png), legend.png only, or none",
     )
-    add_crf_arguments(p, workers=False)
-    console.add_verbose_argument(p)
-    return p.parse_args(argv)
+    common.add_crf_arguments(p, workers=False)
+    return common.parse(p, argv)
 
 
-@console.handles_errors
+@common.handles_errors
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from deeplab_tf import prediction
-    from deeplab_tf.crf import crf_params_from_args
     from deeplab_tf.evaluation import check_output_dir
-    from deeplab_tf.inference import predictor_from_args
 
     check_output_dir(args.output_dir, args.overwrite)  # fail before loading the model
-    crf_params = crf_params_from_args(args)
-    predictor = predictor_from_args(args)
+    crf_params = common.crf_params_from_args(args)
+    predictor = common.predictor_from_args(args)
     spec = prediction.resolve_spec(predictor, args.dataset)
     summary = prediction.predict_files(
         predictor,
@@ -80,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if summary["skipped"] else 0
 
 
-cli = console.entry_point(main)
+cli = common.entry_point(main)
 
 if __name__ == "__main__":
     cli()

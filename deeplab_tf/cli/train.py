@@ -21,15 +21,11 @@ from __future__ import annotations
 
 import argparse
 
-from deeplab_tf import console
+from deeplab_tf.cli import common
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = console.ArgumentParser(
-        description=__doc__.splitlines()[0],
-        epilog=console.VERBOSE_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = common.tool_parser(__doc__)
     p.add_argument("--variant", default="deeplabv3", help="a name from describe.py --list")
     p.add_argument("--recipe", help="training protocol (default: from the variant and the data)")
     p.add_argument("--dataset", help="a dataset spec name or a custom spec file")
@@ -76,11 +72,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true", help="replace a finished run")
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--quiet", action="store_true")
-    console.add_verbose_argument(p)
-    return p.parse_args(argv)
+    return common.parse(p, argv)
 
 
-@console.handles_errors
+@common.handles_errors
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from deeplab_tf import training
@@ -121,10 +116,10 @@ def main(argv: list[str] | None = None) -> int:
         sync_bn=args.sync_bn,
         mixed_precision=args.mixed_precision,
         jit_compile=args.jit_compile,
-        class_weights=training.parse_class_weights(args.class_weights),
+        class_weights=common.parse_class_weights(args.class_weights),
         top_k_percent_pixels=args.top_k_percent_pixels,
         hard_example_mining_step=args.hard_example_mining_step,
-        oversample_classes=training.parse_int_list(args.oversample_classes, "--oversample-classes"),
+        oversample_classes=common.parse_int_list(args.oversample_classes, "--oversample-classes"),
         seed=args.seed,
         **(
             {"atrous_implementation": args.atrous_implementation}
@@ -140,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-cli = console.entry_point(main)
+cli = common.entry_point(main)
 
 if __name__ == "__main__":
     cli()

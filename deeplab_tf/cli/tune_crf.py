@@ -18,20 +18,14 @@ from __future__ import annotations
 
 import argparse
 
-from deeplab_tf import console
+from deeplab_tf.cli import common
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from deeplab_tf.crf import add_crf_arguments
     from deeplab_tf.crf_tuning import DEFAULT_NUM_IMAGES
-    from deeplab_tf.inference import add_predictor_arguments
 
-    p = console.ArgumentParser(
-        description=__doc__.splitlines()[0],
-        epilog=console.VERBOSE_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_predictor_arguments(p)
+    p = common.tool_parser(__doc__)
+    common.add_predictor_arguments(p)
     p.add_argument("--data-dir", help="TFRecords (default: the checkpoint's training data)")
     p.add_argument("--split", default="val")
     p.add_argument("--num-images", type=int, default=DEFAULT_NUM_IMAGES, help="the first N")
@@ -42,25 +36,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sg", type=float, default=3.0, help="Gaussian kernel sigma (fixed)")
     p.add_argument("--iterations", type=int, default=10, help="mean-field iterations")
     p.add_argument("--rounds", type=int, default=2, help="1 = the coarse grid only")
-    add_crf_arguments(p, switch=False)
+    common.add_crf_arguments(p, switch=False)
     p.add_argument("--top", type=int, default=10, help="rows of the printed table")
-    p.add_argument("--output-dir", help="default: CHECKPOINT_DIR/crf-SPLIT")
-    p.add_argument("--overwrite", action="store_true", help="replace earlier results")
-    p.add_argument("--quiet", action="store_true", help="no progress lines")
-    console.add_verbose_argument(p)
-    return p.parse_args(argv)
+    common.add_output_arguments(p, "default: CHECKPOINT_DIR/crf-SPLIT", "replace earlier results")
+    return common.parse(p, argv)
 
 
-@console.handles_errors
+@common.handles_errors
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from deeplab_tf import crf, crf_tuning
-    from deeplab_tf.inference import (
-        InferenceError,
-        data_dir_of,
-        predictor_from_args,
-        read_checkpoint_info,
-    )
+    from deeplab_tf.inference import data_dir_of, read_checkpoint_info
 
     grid = crf.SearchGrid(
         w1=crf_tuning.parse_values(args.w1, "--w1"),
@@ -68,15 +54,13 @@ def main(argv: list[str] | None = None) -> int:
         sb=crf_tuning.parse_values(args.sb, "--sb"),
     )
     base = crf.CRFParams(w2=args.w2, sg=args.sg, iterations=args.iterations)
-    if args.rounds < 1:
-        raise InferenceError(f"--rounds must be >= 1, got {args.rounds}")
-    if args.crf_workers is not None and args.crf_workers < 1:
-        raise InferenceError(f"--crf-workers must be >= 1, got {args.crf_workers}")
+    common.positive(args.rounds, "--rounds")
+    common.positive(args.crf_workers, "--crf-workers")
     checkpoint = read_checkpoint_info(args.checkpoint)
     output_dir = args.output_dir or checkpoint.path.parent / f"crf-{args.split}"
     crf_tuning.check_output_dir(output_dir, args.overwrite)  # fail before the work
     data_dir = data_dir_of(checkpoint, args.data_dir)
-    predictor = predictor_from_args(args)
+    predictor = common.predictor_from_args(args)
     crf_tuning.tune_crf(
         predictor,
         data_dir,
@@ -96,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-cli = console.entry_point(main)
+cli = common.entry_point(main)
 
 if __name__ == "__main__":
     cli()

@@ -7,7 +7,6 @@ and goes through :func:`build_split`, so validation, atomic output, statistics a
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import io
 import logging
@@ -289,12 +288,3 @@ def read_list(path: Path) -> list[str]:
 
 
 # === CLI plumbing shared by datasets/*.py ===
-
-
-def add_common_args(parser: argparse.ArgumentParser) -> None:
-    """The output flags every builder CLI shares."""
-    parser.add_argument("--output-dir", required=True, type=Path, help="TFRecord directory")
-    parser.add_argument("--num-shards", type=int, default=None, help="default: 256 images/shard")
-    parser.add_argument("--skip-bad", action="store_true", help="skip bad pairs with a warning")
-    parser.add_argument("--overwrite", action="store_true", help="replace existing splits")
-    parser.add_argument("--quiet", action="store_true", help="no progress lines")

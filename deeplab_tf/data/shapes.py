@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image
 
 from deeplab_tf.data import tfrecord
-from deeplab_tf.data.build import build_split
+from deeplab_tf.data.build import BadInputError, build_split
 from deeplab_tf.data.sources import voc_layout_pairs
 from deeplab_tf.data.specs import IGNORE_LABEL, SPECS
 from deeplab_tf.files import temporary_name
@@ -214,6 +214,27 @@ def generated_with(root: str | Path, **params: Any) -> bool:
     params_file = Path(root) / PARAMS_FILE
     wanted = {**DEFAULTS, **params, "generator_version": GENERATOR_VERSION}
     return params_file.is_file() and json.loads(params_file.read_text()) == wanted
+
+
+def make_shapes(
+    raw_root: str | Path,
+    tfrecord_dir: str | Path | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+    **params: Any,
+) -> None:
+    """``make_shapes.py``: generates the raw tree (kept when it was already generated
+    with ``params``, say by a run killed while its TFRecords were built) and, with
+    ``tfrecord_dir``, builds its TFRecords."""
+    if not overwrite and generated_with(raw_root, **params):
+        print(f"{raw_root}: already generated with these settings, kept")
+    else:
+        try:
+            generate_shapes(raw_root, overwrite=overwrite, progress=progress, **params)
+        except FileExistsError as e:
+            raise BadInputError(str(e)) from None
+    if tfrecord_dir is not None:
+        build_shapes_tfrecords(raw_root, tfrecord_dir, overwrite, progress=progress)
 
 
 def build_shapes_tfrecords(

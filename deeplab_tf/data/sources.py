@@ -1,4 +1,6 @@
-"""Raw dataset layouts -> sorted lists of image/label pairs for ``build.build_split``.
+"""Raw dataset layouts -> sorted lists of image/label pairs for ``build.build_split``,
+and the builders of whole datasets (``build_voc2012``, ``build_cityscapes``,
+``build_from_folders``: the ``build_*.py`` tools' work).
 
 Only listing happens here; reading and validation live in ``build.py``. Expected
 counts of the complete datasets are kept next to each layout and asserted by the
@@ -7,9 +9,12 @@ builders unless told otherwise.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from deeplab_tf.data.build import BadInputError, Pair, read_list, require_dir
+from deeplab_tf.data.build import BadInputError, Pair, build_split, read_list, require_dir
+from deeplab_tf.data.specs import SPECS, DatasetSpec
 
 VOC_SPLITS = ("train", "val", "trainval", "train_aug")
 # VOC 2012 segmentation lists; train_aug = VOC train + SBD train/val - VOC val
@@ -166,3 +171,58 @@ def folder_pairs(
         )
         for s in stems
     ]
+
+
+# === Whole datasets: the build_*.py tools ===
+
+
+def build_voc2012(
+    voc_root: str | Path,
+    output_dir: str | Path,
+    splits: Sequence[str] = ("train", "val"),
+    sbd_root: str | Path | None = None,
+    check_counts: bool = True,
+    **options: Any,
+) -> None:
+    """TFRecords of PASCAL VOC 2012 ``splits`` (train_aug with SBD's ``sbd_root``);
+    ``options``: ``build_split``'s."""
+    for split in splits:
+        pairs = voc2012_pairs(voc_root, split, sbd_root)
+        expected = VOC_EXPECTED_COUNTS[split] if check_counts else None
+        build_split(pairs, SPECS["pascal_voc_2012"], output_dir, split,
+                    expected_count=expected, **options)  # fmt: skip
+
+
+def build_cityscapes(
+    cityscapes_root: str | Path,
+    output_dir: str | Path,
+    splits: Sequence[str] = ("train", "val"),
+    coarse: bool = False,
+    check_counts: bool = True,
+    **options: Any,
+) -> None:
+    """TFRecords of Cityscapes ``splits``, fine annotations or (``coarse``) the coarse
+    ones as ``coarse_SPLIT``; ``options``: ``build_split``'s."""
+    annotations = "gtCoarse" if coarse else "gtFine"
+    for split in splits:
+        pairs = cityscapes_pairs(cityscapes_root, split, annotations)
+        expected = CITYSCAPES_EXPECTED_COUNTS.get((annotations, split)) if check_counts else None
+        name = f"coarse_{split}" if coarse else split
+        build_split(pairs, SPECS["cityscapes"], output_dir, name,
+                    expected_count=expected, **options)  # fmt: skip
+
+
+def build_from_folders(
+    images: str | Path,
+    masks: str | Path,
+    spec: DatasetSpec,
+    output_dir: str | Path,
+    splits: Sequence[str] = ("train",),
+    **options: Any,
+) -> None:
+    """TFRecords of an image folder and a mask folder; each of ``splits`` is ``NAME``
+    (every pair) or ``NAME=LIST_FILE`` (the pairs of the names listed)."""
+    for item in splits:
+        name, _, list_file = item.partition("=")
+        pairs = folder_pairs(images, masks, list_file or None)
+        build_split(pairs, spec, output_dir, name, **options)
