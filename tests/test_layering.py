@@ -152,3 +152,13 @@ def test_the_checks_find_what_they_are_for(tmp_path):
         "deeplab_tf.backbones.resnet -> argparse",
         "deeplab_tf.backbones.resnet -> tensorflow.distribute",
     ]
+
+
+# A module past this many lines holds several jobs (issue 18 split the four that were).
+MAX_MODULE_LINES = 600
+
+
+def test_no_module_of_the_package_is_over_the_limit():
+    sizes = {p: len(p.read_text().splitlines()) for p in module_files(PACKAGE).values()}
+    too_long = {str(p.relative_to(PACKAGE)): n for p, n in sizes.items() if n > MAX_MODULE_LINES}
+    assert too_long == {}

@@ -18,7 +18,10 @@ from deeplab_tf.layers import (
     PixelNormalization,
     ResizeBilinear,
     direct_atrous_conv2d,
+    normalization_layer,
+    normalization_mean,
 )
+from deeplab_tf.model import build_model
 from tests.helpers import (
     numpy_atrous_conv2d,
     numpy_atrous_conv2d_bound,
@@ -158,7 +161,10 @@ class TestAtrousConv2DCorrectness:
     def test_the_build_answers_as_running_the_op_does(self):
         """The capability is read off the build (no failing op, no error log line); it
         must say what running the two backward ops says, under any oneDNN setting."""
-        from deeplab_tf.layers import _dilated_backprop_runs, native_dilated_backprop_available
+        from deeplab_tf.layers.atrous import (
+            _dilated_backprop_runs,
+            native_dilated_backprop_available,
+        )
 
         assert native_dilated_backprop_available() == _dilated_backprop_runs()
 
@@ -213,6 +219,24 @@ class TestPixelNormalization:
         mean = np.broadcast_to(np.array(IMAGENET_MEAN_RGB, "float32"), (1, 2, 2, 3))
         # The mean minus its float32 self: at most a rounding of 124 (7.6e-6).
         np.testing.assert_allclose(np.asarray(PixelNormalization("caffe")(mean)), 0, atol=1e-5)
+
+    @pytest.mark.parametrize(
+        "variant, mode",
+        [("deeplabv3-resnet10-cpu", "tf"), ("deeplabv3-mobilenetv2-cpu", "tf"),
+         ("deeplabv3-resnet50", "caffe"), ("dilation-frontend", "caffe")],
+    )  # fmt: skip
+    def test_each_backbone_pads_with_what_it_normalises_to_zero(self, variant, mode):
+        """The pad pixel of a model (training crops larger than the image, padded
+        validation batches) is zero after the model's own first layer, also for the
+        [-1, 1] scaling, where the ImageNet mean would be (-0.03, -0.08, -0.18)."""
+        model = build_model(variant, num_classes=3, input_shape=(None, None, 3))
+        layer = normalization_layer(model)
+        assert layer.mode == mode
+        pad = np.broadcast_to(np.float32(normalization_mean(model)), (1, 2, 2, 3))
+        # One float32 rounding of values up to 255 (1.5e-5 at 124; 127.5 is exact).
+        np.testing.assert_allclose(np.asarray(layer(pad)), 0, atol=1e-5)
+        imagenet_mean = np.broadcast_to(np.float32(IMAGENET_MEAN_RGB), (1, 1, 1, 3))
+        assert (np.abs(np.asarray(layer(imagenet_mean))) > 0.01).any() == (mode == "tf")
 
     def test_bad_mode(self):
         with pytest.raises(ValueError, match=r"mode must be one of \['caffe', 'tf'\]"):

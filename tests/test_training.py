@@ -20,6 +20,7 @@ from deeplab_tf.evaluation import evaluate
 from deeplab_tf.inference import Predictor
 from deeplab_tf.recipes import get_recipe
 from deeplab_tf.training import TrainConfig, TrainingError, check_config
+from deeplab_tf.training import run as training_run
 from deeplab_tf.training import train as run_training
 from tests.helpers import assert_close_relative, assert_tree_modes, umask
 
@@ -57,10 +58,17 @@ def _history(model_dir: Path) -> list[dict[str, float]]:
     return [dict(zip(keys, map(float, line.split(",")), strict=True)) for line in lines[1:]]
 
 
-def test_loss_falls_and_miou_beats_chance(tiny_shapes, tmp_path):
+def test_loss_falls_and_miou_beats_chance(tiny_shapes, tmp_path, monkeypatch):
     """Fits the training images: the loss falls and the mean IoU on them beats
     predicting the majority class everywhere (the chance level of this metric). The
-    run itself validates on the held-out split, as every recipe must."""
+    run itself validates on the held-out split, as every recipe must, and its
+    results.json is fit's last validation, not a second pass over the split: the
+    scores evaluate.py computes on the final weights."""
+
+    def no_second_pass(*args, **kwargs):
+        raise AssertionError("the final validation ran again after fit")
+
+    monkeypatch.setattr(training_run, "evaluate", no_second_pass)
     config = TrainConfig(
         variant=SMALL,
         recipe=TINY_RECIPE,
@@ -79,9 +87,30 @@ def test_loss_falls_and_miou_beats_chance(tiny_shapes, tmp_path):
     assert on_train.results["mean_iou"] > chance + 0.05, (on_train.results["mean_iou"], chance)
     assert results["split"] == "val" and 0 <= results["mean_iou"] <= 1
     assert results["steps"] == 150
+    final = evaluate(Predictor(tmp_path / "run" / "last.keras"), tiny_shapes, "val", progress=False)
+    assert results["confusion_matrix"] == final.results["confusion_matrix"]
+    assert results["class_names"] == final.results["class_names"]
     for name in ("best.keras", "last.keras", "results.json", "config.json", "history.csv"):
         assert (tmp_path / "run" / name).is_file()
     assert_tree_modes(tmp_path / "run")  # what mkdir and open give under umask 022
+
+
+def test_images_are_padded_with_what_the_model_normalises_to_zero(
+    tiny_shapes, tmp_path, monkeypatch
+):
+    """The small ResNet scales pixels to [-1, 1]: crops and batches are padded with
+    127.5, not the ImageNet mean of the Caffe normalisation (issue 18)."""
+    seen = {}
+
+    def record(*args):
+        seen["mean_pixel"] = args[-1]
+        raise KeyboardInterrupt  # stop before any data work
+
+    monkeypatch.setattr(training_run, "inputs", record)
+    config = TrainConfig(SMALL, TINY_RECIPE, str(tmp_path / "run"), str(tiny_shapes), verbose=0)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(config)
+    assert seen["mean_pixel"] == (127.5, 127.5, 127.5)
 
 
 def test_a_run_without_validation_moves_and_evaluates_from_anywhere(
@@ -221,7 +250,7 @@ def test_a_backup_interrupted_while_written_leaves_the_one_before(tmp_path):
     interrupted while written leaves the previous one whole, and no temporary."""
     import keras
 
-    from deeplab_tf.training import AtomicBackupAndRestore
+    from deeplab_tf.training.callbacks import AtomicBackupAndRestore
 
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
     model.compile("adam", "mse")
@@ -262,7 +291,8 @@ SYNC_BN_FORWARD = TWO_DEVICES + textwrap.dedent(
     from deeplab_tf import get_variant
     from deeplab_tf.backbones import mobilenet_v2
     from deeplab_tf.recipes import get_recipe
-    from deeplab_tf.training import TrainConfig, compile_model, create_strategy
+    from deeplab_tf.training.strategies import create_strategy
+    from deeplab_tf.training import TrainConfig, compile_model
 
     # One unit per stage (19 batch norms, not 52): the tracing of each synchronised
     # batch norm's all-reduces dominates this test's time on CPU devices.

@@ -8,7 +8,7 @@ from PIL import Image
 
 from deeplab_tf import visualize
 from deeplab_tf.data.specs import SPECS, spec_from_dict
-from deeplab_tf.training import PredictionImages
+from deeplab_tf.training.callbacks import PredictionImages
 
 rng = np.random.default_rng(5)
 

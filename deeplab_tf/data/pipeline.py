@@ -127,7 +127,9 @@ def train_dataset(
         oversample_classes: class ids whose images are repeated ``oversample_factor``
             times (v3 bootstrapping).
         input_context: from ``tf.distribute`` for multi-worker input.
-        mean_pixel: image padding value (RGB), the model's normalisation mean.
+        mean_pixel: image padding value (RGB): the pixel the model's normalisation
+            maps to zero (``layers.normalization_mean(model)``); the default is the
+            ImageNet mean of ResNet/VGG, not MobileNetV2's 127.5.
         drop_remainder: keep batch shapes static.
     """
     crop_h, crop_w = _pair(crop_size)

@@ -1,0 +1,255 @@
+"""Atrous (dilated) convolution, ``AtrousConv2D``, in three implementations that share
+weights, and ``ConvBNReLU``."""
+
+from __future__ import annotations
+
+import functools
+
+import tensorflow as tf
+from keras import initializers, layers, ops, regularizers
+
+from deeplab_tf.layers.base import check_choice, check_positive_int, register
+from deeplab_tf.layers.normalization import batch_norm
+
+ATROUS_IMPLEMENTATIONS = ("dilated", "space_to_batch", "direct")
+
+
+@functools.cache
+def native_dilated_backprop_available() -> bool:
+    """Whether this TensorFlow build differentiates ``conv2d(dilations>1)`` natively.
+
+    oneDNN (on by default on x86 CPUs) and GPUs do; the plain Eigen CPU kernels
+    (``TF_ENABLE_ONEDNN_OPTS=0``) raise "Current CPU implementations do not yet
+    support dilation rates larger than 1" in the backward pass. Asked of the build
+    rather than by running the op: a failing op logs an error line through
+    TensorFlow's C++ logging, which a user reads as a crash.
+    """
+    try:
+        from tensorflow.python.util import _pywrap_util_port
+    except ImportError:  # a TensorFlow without this module: run the op itself
+        return _dilated_backprop_runs()
+    return bool(_pywrap_util_port.IsMklEnabled()) or bool(tf.config.list_physical_devices("GPU"))
+
+
+def _dilated_backprop_runs() -> bool:
+    # Run the two backward ops themselves: init_scope (eager, even when called
+    # while tracing a graph) pauses gradient tapes.
+    with tf.init_scope():
+        dilated = dict(strides=[1, 1, 1, 1], padding="SAME", dilations=[1, 2, 2, 1])
+        try:
+            tf.raw_ops.Conv2DBackpropInput(
+                input_sizes=[1, 5, 5, 1],
+                filter=tf.zeros([3, 3, 1, 1]),
+                out_backprop=tf.zeros([1, 5, 5, 1]),
+                **dilated,
+            )
+            tf.raw_ops.Conv2DBackpropFilter(
+                input=tf.zeros([1, 5, 5, 1]),
+                filter_sizes=[3, 3, 1, 1],
+                out_backprop=tf.zeros([1, 5, 5, 1]),
+                **dilated,
+            )
+        except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError):
+            return False
+    return True
+
+
+def direct_atrous_conv2d(x, kernel, rate: int, padding: str, native_backprop: bool | None = None):
+    """``tf.nn.conv2d(..., dilations=rate)`` that can always be differentiated.
+
+    Where the backward kernels lack dilation support, the gradient is taken from
+    the space-to-batch form of the same convolution, which is mathematically equal.
+    """
+    padding = padding.upper()
+    if native_backprop is None:
+        native_backprop = native_dilated_backprop_available()
+    if rate == 1 or native_backprop:
+        return tf.nn.conv2d(x, kernel, strides=1, padding=padding, dilations=rate)
+
+    @tf.custom_gradient
+    def conv(x, kernel):
+        y = tf.nn.conv2d(x, kernel, strides=1, padding=padding, dilations=rate)
+
+        def grad(dy):
+            with tf.GradientTape() as tape:
+                tape.watch([x, kernel])
+                y_s2b = tf.nn.atrous_conv2d(x, kernel, rate, padding)
+            return tape.gradient(y_s2b, [x, kernel], output_gradients=dy)
+
+        return y, grad
+
+    return conv(x, kernel)
+
+
+@register
+class AtrousConv2D(layers.Layer):
+    """Atrous (dilated) 2-D convolution, y[i] = sum_k x[i + rate * k] w[k].
+
+    Three numerically equal implementations (DESIGN.md, Atrous convolution):
+    ``"dilated"`` (Keras ``ops.conv`` with ``dilation_rate``), ``"space_to_batch"``
+    (``tf.nn.atrous_conv2d``, the method of the v2 paper section 3.1) and
+    ``"direct"`` (``tf.nn.conv2d(..., dilations=rate)``, run natively by oneDNN
+    and cuDNN). The variables (``kernel``, ``bias``) are the same as Keras
+    ``Conv2D``'s, so weights move between the two by layer name, and do not
+    depend on ``rate``: a model rebuilt at another output stride loads the same
+    weights.
+
+    Args:
+        filters: number of output channels.
+        kernel_size: the square kernel's size; with 'same' padding an even size (the v1
+            4x4 fc6) is centred when (kernel_size - 1) * rate is even.
+        rate: dilation rate; the effective kernel size is k + (k - 1)(rate - 1).
+        implementation: one of ``ATROUS_IMPLEMENTATIONS``.
+        padding: ``"same"`` or ``"valid"``.
+        use_bias: whether to add a bias.
+        kernel_initializer, bias_initializer, kernel_regularizer,
+        bias_regularizer: as in ``keras.layers.Conv2D``.
+    """
+
+    def __init__(
+        self,
+        filters: int,
+        kernel_size: int = 3,
+        rate: int = 1,
+        implementation: str = "dilated",
+        padding: str = "same",
+        use_bias: bool = True,
+        kernel_initializer="glorot_uniform",
+        bias_initializer="zeros",
+        kernel_regularizer=None,
+        bias_regularizer=None,
+        **kwargs,
+    ):
+        check_positive_int("filters", filters)
+        check_positive_int("kernel_size", kernel_size)
+        check_positive_int("rate", rate)
+        check_choice("implementation", implementation, ATROUS_IMPLEMENTATIONS)
+        check_choice("padding", padding, ("same", "valid"))
+        super().__init__(**kwargs)
+        self.filters = filters
+        self.kernel_size = kernel_size
+        self.rate = rate
+        self.implementation = implementation
+        self.padding = padding
+        self.use_bias = use_bias
+        self.kernel_initializer = initializers.get(kernel_initializer)
+        self.bias_initializer = initializers.get(bias_initializer)
+        self.kernel_regularizer = regularizers.get(kernel_regularizer)
+        self.bias_regularizer = regularizers.get(bias_regularizer)
+        self.input_spec = layers.InputSpec(ndim=4)
+
+    def build(self, input_shape):
+        channels = input_shape[-1]
+        if channels is None:
+            raise ValueError(f"{self.name}: the channel dimension of the input must be known")
+        self.kernel = self.add_weight(
+            name="kernel",
+            shape=(self.kernel_size, self.kernel_size, channels, self.filters),
+            initializer=self.kernel_initializer,
+            regularizer=self.kernel_regularizer,
+        )
+        self.bias = None
+        if self.use_bias:
+            self.bias = self.add_weight(
+                name="bias",
+                shape=(self.filters,),
+                initializer=self.bias_initializer,
+                regularizer=self.bias_regularizer,
+            )
+
+    def call(self, inputs):
+        kernel = ops.cast(self.kernel, self.compute_dtype)
+        if self.implementation == "dilated":
+            y = ops.conv(inputs, kernel, strides=1, padding=self.padding, dilation_rate=self.rate)
+        elif self.implementation == "space_to_batch":
+            y = tf.nn.atrous_conv2d(inputs, kernel, self.rate, self.padding.upper())
+        else:
+            y = direct_atrous_conv2d(inputs, kernel, self.rate, self.padding)
+        if self.use_bias:
+            y = y + ops.cast(self.bias, self.compute_dtype)
+        return y
+
+    def compute_output_shape(self, input_shape):
+        n, h, w, _ = input_shape
+        if self.padding == "valid":
+            shrink = (self.kernel_size - 1) * self.rate
+            h = None if h is None else h - shrink
+            w = None if w is None else w - shrink
+        return (n, h, w, self.filters)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "filters": self.filters,
+            "kernel_size": self.kernel_size,
+            "rate": self.rate,
+            "implementation": self.implementation,
+            "padding": self.padding,
+            "use_bias": self.use_bias,
+            "kernel_initializer": initializers.serialize(self.kernel_initializer),
+            "bias_initializer": initializers.serialize(self.bias_initializer),
+            "kernel_regularizer": regularizers.serialize(self.kernel_regularizer),
+            "bias_regularizer": regularizers.serialize(self.bias_regularizer),
+        }
+
+
+@register
+class ConvBNReLU(layers.Layer):
+    """Convolution (no bias), batch norm, ReLU: the unit of every v3 head branch.
+
+    Args:
+        filters, kernel_size, rate, implementation: as in ``AtrousConv2D``.
+        bn_momentum, bn_epsilon, sync_batchnorm: batch norm settings.
+    """
+
+    def __init__(
+        self,
+        filters: int,
+        kernel_size: int = 1,
+        rate: int = 1,
+        implementation: str = "dilated",
+        bn_momentum: float = 0.9997,
+        bn_epsilon: float = 1e-5,
+        sync_batchnorm: bool = False,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.filters = filters
+        self.kernel_size = kernel_size
+        self.rate = rate
+        self.implementation = implementation
+        self.bn_momentum = bn_momentum
+        self.bn_epsilon = bn_epsilon
+        self.sync_batchnorm = sync_batchnorm
+        self.conv = AtrousConv2D(
+            filters,
+            kernel_size,
+            rate=rate,
+            implementation=implementation,
+            use_bias=False,
+            kernel_initializer="he_normal",
+            name="conv",
+        )
+        self.bn = batch_norm("bn", bn_momentum, bn_epsilon, sync_batchnorm)
+
+    def build(self, input_shape):
+        self.conv.build(input_shape)
+        self.bn.build(self.conv.compute_output_shape(input_shape))
+
+    def call(self, inputs, training=None):
+        return ops.relu(self.bn(self.conv(inputs), training=training))
+
+    def compute_output_shape(self, input_shape):
+        return self.conv.compute_output_shape(input_shape)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "filters": self.filters,
+            "kernel_size": self.kernel_size,
+            "rate": self.rate,
+            "implementation": self.implementation,
+            "bn_momentum": self.bn_momentum,
+            "bn_epsilon": self.bn_epsilon,
+            "sync_batchnorm": self.sync_batchnorm,
+        }
