@@ -46,7 +46,7 @@ from deeplab_tf.backbones import transfer_weights
 from deeplab_tf.layers import ResizeBilinear, resize_bilinear_aligned
 from deeplab_tf.losses import resize_logits_bilinear
 from deeplab_tf.model import build_model
-from deeplab_tf.multiscale import single_scale_model
+from deeplab_tf.multiscale import scaled_size, single_scale_model
 from deeplab_tf.variants import VARIANTS, Variant, get_variant
 
 FUSIONS = ("mean", "max")
@@ -246,12 +246,6 @@ def tile_starts(length: int, tile: int, overlap: float) -> list[int]:
     stride = max(1, tile - round(overlap * tile))
     count = math.ceil((length - tile) / stride) + 1
     return [min(i * stride, length - tile) for i in range(count)]
-
-
-def scaled_size(size: tf.Tensor, scale: float) -> tf.Tensor:
-    """(d - 1) * scale + 1 per dimension, as the DeepLab code (513 -> 257 at 0.5)."""
-    scaled = tf.cast((tf.cast(size, tf.float32) - 1.0) * scale + 1.0, tf.int32)
-    return tf.maximum(scaled, 1)
 
 
 # === Predictor ===

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from deeplab_tf.data.sources import EXPECTED_COUNTS, splits_share_images
-from deeplab_tf.registry import lookup, make_registry
+from deeplab_tf.registry import changed, lookup, make_registry
 from deeplab_tf.variants import get_variant
 
 LR_POLICIES = ("poly", "step")
@@ -101,86 +101,27 @@ class Recipe:
             )
 
 
-RECIPES: dict[str, Recipe] = make_registry(
-    "recipe",
-    # v3 section 4.1: trainaug, OS16, batch 16, 513 crops, poly from 0.007, 30K steps,
-    # BN decay 0.9997 trained; random scale 0.5..2.0 and flips.
-    Recipe(
-        name="v3-voc-trainaug",
-        paper="DeepLab v3, section 4.1 (training protocol), stage 1",
-        dataset="pascal_voc_2012",
-        train_split="train_aug",
-        val_split="val",
-        crop_size=513,
-        batch_size=16,
-        steps=30_000,
-        output_stride=16,
-        learning_rate=0.007,
-    ),
-    # v3 section 4.2 (test set): freeze BN, OS8, trainval, lr 0.001, 30K more steps,
-    # images with hard classes duplicated (bootstrapping). VOC has no labelled image
-    # outside trainval, so nothing is held out: no validation (the paper scored this
-    # stage on the test server).
-    Recipe(
-        name="v3-voc-trainval-os8",
-        paper="DeepLab v3, sections 4.1-4.2, stage 2 (start from stage 1 with --init-checkpoint); "
-        "trainval holds every labelled VOC image: no validation",
-        dataset="pascal_voc_2012",
-        train_split="trainval",
-        val_split=None,
-        crop_size=513,
-        batch_size=16,
-        steps=30_000,
-        output_stride=8,
-        learning_rate=0.001,
-        freeze_bn=True,
-        bootstrap_hard_classes=True,
-    ),
-    # The built-in dataset on a 2-core CPU (``make quickstart``, variant
-    # deeplabv3-resnet10-cpu): whole 96x96 images at output stride 8 (at 16 the 6x6
-    # logits cap the mean IoU of even perfect features near 0.8), Adam from scratch,
-    # batch norm decay short enough for the moving statistics to follow. No random
-    # scaling: the generator already draws object sizes from 16 to 48 pixels, and
-    # crops of enlarged images would cut the large objects whose shape is the cue.
-    Recipe(
-        name="shapes-cpu",
-        paper="not a paper protocol: the v3 protocol scaled to the built-in shapes dataset",
-        dataset="shapes",
-        train_split="train",
-        val_split="val",
-        crop_size=96,
-        batch_size=16,
-        steps=2700,
-        output_stride=8,
-        optimizer="adam",
-        learning_rate=0.002,
-        weight_decay=0.0,  # Adam here takes none
-        bn_momentum=0.9,
-        min_scale=1.0,
-        max_scale=1.0,
-        checkpoint_every=900,
-    ),
-    # v3 appendix C: "the same training protocol as before except that we employ 90K
-    # training iterations, crop size equal to 769" on the 2975 fine train images.
-    Recipe(
-        name="v3-cityscapes",
-        paper="DeepLab v3, appendix C (Cityscapes train fine: 90K steps, 769 crops)",
-        dataset="cityscapes",
-        train_split="train",
-        val_split="val",
-        crop_size=769,
-        batch_size=16,
-        steps=90_000,
-        output_stride=16,
-        learning_rate=0.007,
-    ),
+# v3 section 4.1: trainaug, OS16, batch 16, 513 crops, poly from 0.007, 30K steps, BN
+# decay 0.9997 trained; random scale 0.5..2.0 and flips.
+_V3_VOC = Recipe(
+    name="v3-voc-trainaug",
+    paper="DeepLab v3, section 4.1 (training protocol), stage 1",
+    dataset="pascal_voc_2012",
+    train_split="train_aug",
+    val_split="val",
+    crop_size=513,
+    batch_size=16,
+    steps=30_000,
+    output_stride=16,
+    learning_rate=0.007,
 )
-
 # The v1/v2 protocol (v1 section 5, v2 section 4): SGD momentum 0.9, weight decay 5e-4,
 # lr 0.001 with 10x on the classifier, 321x321 crops, labels subsampled to the logits
 # (output stride 8). v1 (and every v1 variant): batch 20, lr x0.1 every 2000 steps, 6000
 # steps (v2 Table 2, "step": 62.25 for LargeFOV), no random scaling.
-_V1 = dict(
+_V1_VOC = Recipe(
+    name="v1-voc-step",
+    paper="DeepLab v1, section 5 (training); v2 section 4.1.1 and Table 2 (step policy)",
     dataset="pascal_voc_2012",
     train_split="train_aug",
     val_split="val",
@@ -199,136 +140,165 @@ _V1 = dict(
     upsample_logits=False,
 )
 # v2 section 4.1.2: "poly" (power 0.9), batch 10, 20K steps (Table 2: 65.88 for LargeFOV).
-_V2 = dict(_V1, batch_size=10, steps=20_000, lr_policy="poly")
+_V2_VOC = changed(
+    _V1_VOC,
+    "v2-voc-poly",
+    "DeepLab v2, section 4.1.2 (poly policy, batch 10, 20K steps; VGG-16)",
+    batch_size=10,
+    steps=20_000,
+    lr_policy="poly",
+)
+# ResNet-101 (v2 Table 4): random scaling 0.5..1.5 ("Aug"); batch norm kept fixed, as
+# v1/v2 did (v3 appendix A lists fine-tuning it as a v3 change).
+_V2_VOC_RESNET = changed(
+    _V2_VOC,
+    "v2-voc-resnet101",
+    "DeepLab v2, section 4.1.2 and Table 4 (ResNet-101: random scale 0.5-1.5, batch norm frozen)",
+    min_scale=0.5,
+    max_scale=1.5,
+    freeze_bn=True,
+)
 # Yu-Koltun section 4: SGD, batch 14, lr 1e-3, momentum 0.9, 60K steps on VOC train_aug;
 # weight decay 5e-4 and the lr policy (x0.1 every 100K steps, so constant here) are those
 # of the released code (fyu/dilation train.py). Crops of 512 give the paper's 64x64
 # front-end outputs. The loss is on the logits upsampled inside the model (the released
 # code's --up): their pixel j covers image pixels 8j..8j+7, which the corner-aligned
-# label subsampling of v1/v2 would shift by 3.5 pixels.
-_YU_KOLTUN = dict(
-    dataset="pascal_voc_2012",
-    train_split="train_aug",
-    val_split="val",
+# label subsampling of v1/v2 would shift by 3.5 pixels. Written as its changes of v1's
+# (both are Caffe VGG-16 protocols on VOC train_aug).
+_YU_KOLTUN_FRONTEND = changed(
+    _V1_VOC,
+    "yu-koltun-frontend",
+    "Yu & Koltun 2016, section 4 (front end: batch 14, lr 1e-3, momentum 0.9, 60K)",
     crop_size=512,
     batch_size=14,
     steps=60_000,
-    output_stride=8,
-    learning_rate=0.001,
-    lr_policy="step",
     lr_step_size=100_000,
-    weight_decay=5e-4,
-    min_scale=1.0,
-    max_scale=1.0,
+    classifier_lr_multiplier=1.0,
+    upsample_logits=True,
 )
 
-# The v1/v2 and Yu-Koltun protocols, added to the table above (make_registry refuses a
-# name declared twice).
-RECIPES = make_registry(
+# One row per paper protocol; a derived row says what it changes of its base.
+RECIPES: dict[str, Recipe] = make_registry(
     "recipe",
-    *RECIPES.values(),
-    Recipe(
-        name="v1-voc-step",
-        paper="DeepLab v1, section 5 (training); v2 section 4.1.1 and Table 2 (step policy)",
-        **_V1,
+    _V3_VOC,
+    # v3 section 4.2 (test set): freeze BN, OS8, trainval, lr 0.001, 30K more steps,
+    # images with hard classes duplicated (bootstrapping). VOC has no labelled image
+    # outside trainval, so nothing is held out: no validation (the paper scored this
+    # stage on the test server).
+    changed(
+        _V3_VOC,
+        "v3-voc-trainval-os8",
+        "DeepLab v3, sections 4.1-4.2, stage 2 (start from stage 1 with --init-checkpoint); "
+        "trainval holds every labelled VOC image: no validation",
+        train_split="trainval",
+        val_split=None,
+        output_stride=8,
+        learning_rate=0.001,
+        freeze_bn=True,
+        bootstrap_hard_classes=True,
     ),
+    # The built-in dataset on a 2-core CPU (``make quickstart``, variant
+    # deeplabv3-resnet10-cpu): whole 96x96 images at output stride 8 (at 16 the 6x6
+    # logits cap the mean IoU of even perfect features near 0.8), Adam from scratch,
+    # batch norm decay short enough for the moving statistics to follow. No random
+    # scaling: the generator already draws object sizes from 16 to 48 pixels, and
+    # crops of enlarged images would cut the large objects whose shape is the cue.
+    changed(
+        _V3_VOC,
+        "shapes-cpu",
+        "not a paper protocol: the v3 protocol scaled to the built-in shapes dataset",
+        dataset="shapes",
+        train_split="train",
+        crop_size=96,
+        steps=2700,
+        output_stride=8,
+        optimizer="adam",
+        learning_rate=0.002,
+        weight_decay=0.0,  # Adam here takes none
+        bn_momentum=0.9,
+        min_scale=1.0,
+        max_scale=1.0,
+        checkpoint_every=900,
+    ),
+    # v3 appendix C: "the same training protocol as before except that we employ 90K
+    # training iterations, crop size equal to 769" on the 2975 fine train images.
+    changed(
+        _V3_VOC,
+        "v3-cityscapes",
+        "DeepLab v3, appendix C (Cityscapes train fine: 90K steps, 769 crops)",
+        dataset="cityscapes",
+        train_split="train",
+        crop_size=769,
+        steps=90_000,
+    ),
+    _V1_VOC,
     # v1 section 4.3: "We only adjust the newly added weights, keeping the other
     # network parameters to the values learned by the method of Section 3."
-    Recipe(
-        name="v1-voc-msc",
-        paper="DeepLab v1, section 4.3: MSc weights only, from a deeplabv1-largefov run "
+    changed(
+        _V1_VOC,
+        "v1-voc-msc",
+        "DeepLab v1, section 4.3: MSc weights only, from a deeplabv1-largefov run "
         "(--init-checkpoint)",
         train_only_new_layers=True,
-        **_V1,
     ),
-    Recipe(
-        name="v2-voc-poly",
-        paper="DeepLab v2, section 4.1.2 (poly policy, batch 10, 20K steps; VGG-16)",
-        **_V2,
-    ),
-    # ResNet-101 (v2 Table 4): random scaling 0.5..1.5 ("Aug"); batch norm kept fixed,
-    # as v1/v2 did (v3 appendix A lists fine-tuning it as a v3 change).
-    Recipe(
-        name="v2-voc-resnet101",
-        paper="DeepLab v2, section 4.1.2 and Table 4 (ResNet-101: random scale 0.5-1.5, "
-        "batch norm frozen)",
-        **dict(_V2, min_scale=0.5, max_scale=1.5, freeze_bn=True),
-    ),
-    Recipe(
-        name="yu-koltun-frontend",
-        paper="Yu & Koltun 2016, section 4 (front end: batch 14, lr 1e-3, momentum 0.9, 60K)",
-        **_YU_KOLTUN,
-    ),
+    _V2_VOC,
+    _V2_VOC_RESNET,
+    _YU_KOLTUN_FRONTEND,
     # Section 5: the context module is trained on the front end's outputs (front end
     # frozen), lr 1e-3; the number of steps is not given (60K as the front end).
-    Recipe(
-        name="yu-koltun-context",
-        paper="Yu & Koltun 2016, section 5: context module only, on a dilation-frontend "
+    changed(
+        _YU_KOLTUN_FRONTEND,
+        "yu-koltun-context",
+        "Yu & Koltun 2016, section 5: context module only, on a dilation-frontend "
         "run (--init-checkpoint)",
         train_only_new_layers=True,
-        **_YU_KOLTUN,
+    ),
+    # v2 section 4.4: Cityscapes at full resolution with "the same training protocol" as
+    # VOC (Table 9: VGG-16 LargeFOV and ResNet-101); the paper gives no crop size: the
+    # VOC 321 is kept.
+    changed(
+        _V2_VOC,
+        "v2-cityscapes",
+        "DeepLab v2, section 4.4 and Table 9 (VGG-16, VOC v2 protocol on Cityscapes; "
+        "crop not given: VOC's 321)",
+        dataset="cityscapes",
+        train_split="train",
+    ),
+    changed(
+        _V2_VOC_RESNET,
+        "v2-cityscapes-resnet101",
+        "DeepLab v2, section 4.4 and Table 9 (ResNet-101, VOC v2 protocol on Cityscapes; "
+        "crop not given: VOC's 321)",
+        dataset="cityscapes",
+        train_split="train",
     ),
 )
 
-# v2 section 4.4: Cityscapes at full resolution with "the same training protocol" as
-# VOC (Table 9: VGG-16 LargeFOV and ResNet-101); the paper gives no crop size: the VOC
-# 321 is kept.
-RECIPES = make_registry(
-    "recipe",
-    *RECIPES.values(),
-    Recipe(
-        name="v2-cityscapes",
-        paper="DeepLab v2, section 4.4 and Table 9 (VGG-16, VOC v2 protocol on Cityscapes; "
-        "crop not given: VOC's 321)",
-        **dict(_V2, dataset="cityscapes", train_split="train"),
-    ),
-    Recipe(
-        name="v2-cityscapes-resnet101",
-        paper="DeepLab v2, section 4.4 and Table 9 (ResNet-101, VOC v2 protocol on Cityscapes; "
-        "crop not given: VOC's 321)",
-        **dict(
-            _V2,
-            dataset="cityscapes",
-            train_split="train",
-            min_scale=0.5,  # as v2-voc-resnet101
-            max_scale=1.5,
-            freeze_bn=True,
-        ),
-    ),
-)
-
-# The paper protocol of each variant on PASCAL VOC 2012.
-_VARIANT_RECIPES = {
-    "deeplabv3": "v3-voc-trainaug",
-    "deeplabv3-resnet50": "v3-voc-trainaug",
-    "deeplabv3-cascade": "v3-voc-trainaug",
-    "deeplabv3-mobilenetv2": "v3-voc-trainaug",
-    "deeplabv1": "v1-voc-step",
-    "deeplabv1-7x7": "v1-voc-step",
-    "deeplabv1-4x4-r8": "v1-voc-step",
-    "deeplabv1-largefov": "v1-voc-step",
-    "deeplabv1-msc-largefov": "v1-voc-msc",
-    "deeplabv2-vgg16-aspp-s": "v2-voc-poly",
-    "deeplabv2-vgg16-aspp-l": "v2-voc-poly",
-    "deeplabv2-resnet101-largefov": "v2-voc-resnet101",
-    "deeplabv2-resnet101-aspp-l": "v2-voc-resnet101",
-    "deeplabv2-resnet101-msc-aspp-l": "v2-voc-resnet101",
-    "dilation-frontend": "yu-koltun-frontend",
-    "dilation-context-basic": "yu-koltun-context",
-    "dilation-context-large": "yu-koltun-context",
+# Each variant's paper protocols: (on PASCAL VOC 2012, on Cityscapes or None where its
+# paper has none). Cityscapes: v3 appendix C; v2 section 4.4 (Table 9: VGG-16 LargeFOV
+# and the ResNet-101 systems; the VGG-16 ASPP variants get the same v2 VGG-16
+# protocol). Other pairs of variant and dataset (v1, Yu-Koltun, custom data) get
+# ``fine_tuning_recipe``. A variant not listed (the CPU ones) takes v3's.
+_V3_PROTOCOLS = ("v3-voc-trainaug", "v3-cityscapes")
+_PROTOCOLS: dict[str, tuple[str, str | None]] = {
+    "deeplabv3": _V3_PROTOCOLS,
+    "deeplabv3-resnet50": _V3_PROTOCOLS,
+    "deeplabv3-cascade": _V3_PROTOCOLS,
+    "deeplabv3-mobilenetv2": _V3_PROTOCOLS,
+    "deeplabv1": ("v1-voc-step", None),
+    "deeplabv1-7x7": ("v1-voc-step", None),
+    "deeplabv1-4x4-r8": ("v1-voc-step", None),
+    "deeplabv1-largefov": ("v1-voc-step", "v2-cityscapes"),  # v2 Table 9's VGG-16 LargeFOV
+    "deeplabv1-msc-largefov": ("v1-voc-msc", None),
+    "deeplabv2-vgg16-aspp-s": ("v2-voc-poly", "v2-cityscapes"),
+    "deeplabv2-vgg16-aspp-l": ("v2-voc-poly", "v2-cityscapes"),
+    "deeplabv2-resnet101-largefov": ("v2-voc-resnet101", "v2-cityscapes-resnet101"),
+    "deeplabv2-resnet101-aspp-l": ("v2-voc-resnet101", "v2-cityscapes-resnet101"),
+    "deeplabv2-resnet101-msc-aspp-l": ("v2-voc-resnet101", "v2-cityscapes-resnet101"),
+    "dilation-frontend": ("yu-koltun-frontend", None),
+    "dilation-context-basic": ("yu-koltun-context", None),
+    "dilation-context-large": ("yu-koltun-context", None),
 }
-
-
-# Their Cityscapes protocols, where the paper has one: v3 appendix C; v2 section 4.4
-# (Table 9: VGG-16 LargeFOV and the ResNet-101 systems; the VGG-16 ASPP variants get
-# the same v2 VGG-16 protocol). Other pairs of variant and dataset (v1, Yu-Koltun,
-# custom data) get ``fine_tuning_recipe``.
-_CITYSCAPES_RECIPES = {  # by the variant's VOC recipe
-    "v3-voc-trainaug": "v3-cityscapes",
-    "v2-voc-poly": "v2-cityscapes",
-    "v2-voc-resnet101": "v2-cityscapes-resnet101",
-}
-_CITYSCAPES_VARIANTS = {"deeplabv1-largefov": "v2-cityscapes"}  # v2 Table 9's VGG-16 LargeFOV
 
 
 def get_recipe(name: str) -> Recipe:
@@ -339,7 +309,7 @@ def get_recipe(name: str) -> Recipe:
 def paper_recipe(variant: str) -> Recipe:
     """The VOC protocol of ``variant``'s paper (v3's for the CPU variants)."""
     get_variant(variant)
-    return RECIPES[_VARIANT_RECIPES.get(variant, "v3-voc-trainaug")]
+    return RECIPES[_PROTOCOLS.get(variant, _V3_PROTOCOLS)[0]]
 
 
 def default_recipe(variant: str, dataset: str | None) -> Recipe:
@@ -363,8 +333,8 @@ def _dataset_protocol(variant: str, dataset: str) -> Recipe | None:
         return shapes
     if dataset == "pascal_voc_2012":
         return paper
-    name = _CITYSCAPES_VARIANTS.get(variant, _CITYSCAPES_RECIPES.get(paper.name))
-    return RECIPES[name] if dataset == "cityscapes" and name else None
+    cityscapes = _PROTOCOLS.get(variant, _V3_PROTOCOLS)[1]
+    return RECIPES[cityscapes] if dataset == "cityscapes" and cityscapes else None
 
 
 # Validations in a derived run: checkpoint_every = steps / this (at most the paper's).

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Protocol, TypeVar
+import dataclasses
+from typing import Any, Protocol, TypeVar
 
 
 class _Named(Protocol):
@@ -10,6 +11,9 @@ class _Named(Protocol):
 
 
 T = TypeVar("T", bound=_Named)
+
+# Fields that state a row's own results: a derived row does not inherit them.
+_OWN_FIELDS = ("reference_miou",)
 
 
 def make_registry(kind: str, *entries: T) -> dict[str, T]:
@@ -27,3 +31,11 @@ def lookup(table: dict[str, T], kind: str, name: str) -> T:
     if name not in table:
         raise ValueError(f"unknown {kind} {name!r}; known {kind}s: {', '.join(table)}")
     return table[name]
+
+
+def changed(base: T, name: str, paper: str, **changes: Any) -> T:
+    """A table row written as what it changes of ``base`` (a dataclass row), with its own
+    name and source. The base's reference results (``reference_miou``) are not carried
+    over: a derived row states its own or none."""
+    own = {f.name: f.default for f in dataclasses.fields(base) if f.name in _OWN_FIELDS}
+    return dataclasses.replace(base, name=name, paper=paper, **{**own, **changes})

@@ -8,7 +8,7 @@ from deeplab_tf.backbones import BACKBONES, check_output_stride
 from deeplab_tf.backbones.resnet import MAX_CASCADE_BLOCKS
 from deeplab_tf.backbones.vgg import VGG_BACKBONES
 from deeplab_tf.layers import CONTEXT_WIDTHS
-from deeplab_tf.registry import lookup, make_registry
+from deeplab_tf.registry import changed, lookup, make_registry
 
 # aspp: v3 ASPP then a 1x1 classifier; none: the classifier alone; vgg_fc: VGG's fc6 ->
 # fc7 -> classifier, one branch per rate, summed (v1; v2 ASPP on VGG-16); atrous_logits:
@@ -110,41 +110,99 @@ class Variant:
         return tuple(max(1, round(rate * 8 / output_stride)) for rate in self.head_rates)
 
 
-# Settings shared by the v1/v2 and Yu-Koltun families (all at output stride 8).
-_VGG16_FC = dict(backbone="vgg16", output_stride=8, head="vgg_fc")
-_LARGEFOV = dict(_VGG16_FC, head_kernel_size=3, head_rates=(12,), head_filters=1024)
-_RESNET101_V2 = dict(backbone="resnet101", output_stride=8, head="atrous_logits")
-_FRONTEND = dict(
+# DeepLab v3 (section 4.2, Tables 5-6): ResNet-101, multi-grid (1, 2, 4), ASPP + image
+# pooling at output stride 16.
+_DEEPLABV3 = Variant(
+    name="deeplabv3",
+    backbone="resnet101",
+    multi_grid=(1, 2, 4),
+    paper="DeepLab v3, section 4.2, Tables 5-6 (ResNet-101, ASPP + image pooling)",
+    reference_miou=(("OS16", 77.21), ("OS8 eval, MS + flip", 79.77)),
+)
+# The quickstart model (``make quickstart``, recipe shapes-cpu): the v3 head, narrow and
+# with rates scaled to 96-pixel images (at output stride 8 the features are 12x12, where
+# the paper's rates 12/24/36 would see only padding), on a small basic-block ResNet that
+# a 2-core CPU trains from scratch in minutes.
+_V3_CPU = Variant(
+    name="deeplabv3-resnet10-cpu",
+    backbone="resnet10_cpu",
+    output_stride=8,
+    head_filters=64,
+    aspp_rates=(1, 2, 3),
+    paper="not a paper model: the v3 head on a ResNet-10 sized for a 2-core CPU",
+)
+# DeepLab v1 (ICLR 2015): VGG-16 at output stride 8 with the fc6 configurations of Table
+# 2 (v2 paper Table 1 gives the same with before/after-CRF val figures).
+_DEEPLABV1 = Variant(
+    name="deeplabv1",
+    backbone="vgg16",
+    output_stride=8,
+    head="vgg_fc",
+    head_kernel_size=4,
+    head_rates=(4,),
+    head_filters=4096,
+    paper="DeepLab v1, sections 3.1-3.2, Table 2 (DeepLab(-CRF): fc6 4x4, input stride 4)",
+    reference_miou=(("before CRF", 59.80), ("after CRF", 63.74)),
+)
+_LARGEFOV = changed(
+    _DEEPLABV1,
+    "deeplabv1-largefov",
+    "DeepLab v1, section 5, Table 2 (DeepLab-LargeFOV: fc6 3x3, rate 12, 1024 filters)",
+    head_kernel_size=3,
+    head_rates=(12,),
+    head_filters=1024,
+    reference_miou=(("before CRF", 62.25), ("after CRF", 67.64)),
+)
+# DeepLab v2 (TPAMI 2017) on ResNet-101 (section 4.1.2, Table 4), at output stride 8:
+# 3x3 atrous convolutions straight to the classes, one per rate, summed.
+_V2_RESNET_LARGEFOV = Variant(
+    name="deeplabv2-resnet101-largefov",
+    backbone="resnet101",
+    output_stride=8,
+    head="atrous_logits",
+    head_rates=(12,),
+    paper="DeepLab v2, section 4.1.2, Table 4 (ResNet-101 + LargeFOV: one 3x3 rate-12 "
+    "convolution to the classes; the paper's figures include MSC)",
+)
+_V2_RESNET_ASPP_L = changed(
+    _V2_RESNET_LARGEFOV,
+    "deeplabv2-resnet101-aspp-l",
+    "DeepLab v2, section 4.1.2, Table 4 (ResNet-101 + ASPP-L: 3x3 convolutions to the "
+    "classes, rates 6/12/18/24, summed; the paper's figures include MSC)",
+    head_rates=(6, 12, 18, 24),
+)
+# Yu & Koltun (ICLR 2016): the front end (section 4) and the context modules (section 3),
+# trained on the frozen front end (section 5, recipe yu-koltun-context). Their figures
+# come from front ends trained on VOC + COCO (section 5, Table 3).
+_FRONTEND = Variant(
+    name="dilation-frontend",
     backbone="vgg16_frontend",
     output_stride=8,
     head="vgg_fc",
     head_kernel_size=7,
     head_rates=(4,),
     head_filters=4096,
+    paper="Yu & Koltun 2016, section 4 (front end: VGG-16 without pool4/pool5, no padding)",
+    reference_miou=(("VOC + COCO training", 69.8),),
 )
 
+# One row per paper configuration; a derived row says what it changes of its base.
 VARIANTS: dict[str, Variant] = make_registry(
     "variant",
-    Variant(
-        name="deeplabv3",
-        backbone="resnet101",
-        multi_grid=(1, 2, 4),
-        paper="DeepLab v3, section 4.2, Tables 5-6 (ResNet-101, ASPP + image pooling)",
-        reference_miou=(("OS16", 77.21), ("OS8 eval, MS + flip", 79.77)),
-    ),
-    Variant(
-        name="deeplabv3-resnet50",
+    _DEEPLABV3,
+    changed(
+        _DEEPLABV3,
+        "deeplabv3-resnet50",
+        "DeepLab v3, section 4.2 with the ResNet-50 of section 4.1 (no paper figure)",
         backbone="resnet50",
-        multi_grid=(1, 2, 4),
-        paper="DeepLab v3, section 4.2 with the ResNet-50 of section 4.1 (no paper figure)",
     ),
-    Variant(
-        name="deeplabv3-cascade",
-        backbone="resnet101",
+    changed(
+        _DEEPLABV3,
+        "deeplabv3-cascade",
+        "DeepLab v3, section 4.1, Tables 3-4 (ResNet-101, block7, MG (1, 2, 1))",
         multi_grid=(1, 2, 1),
         cascade_blocks=3,
         head="none",
-        paper="DeepLab v3, section 4.1, Tables 3-4 (ResNet-101, block7, MG (1, 2, 1))",
         reference_miou=(("OS8 eval, MS + flip", 79.35),),
     ),
     Variant(
@@ -152,134 +210,78 @@ VARIANTS: dict[str, Variant] = make_registry(
         backbone="mobilenetv2",
         paper="DeepLab v3 head on MobileNetV2 (Sandler et al. 2018, section 6.3; no v3 figure)",
     ),
-    # The quickstart model (``make quickstart``, recipe shapes-cpu): the v3 head, narrow
-    # and with rates scaled to 96-pixel images (at output stride 8 the features are
-    # 12x12, where the paper's rates 12/24/36 would see only padding), on a small
-    # basic-block ResNet that a 2-core CPU trains from scratch in minutes.
-    Variant(
-        name="deeplabv3-resnet10-cpu",
-        backbone="resnet10_cpu",
-        output_stride=8,
-        head_filters=64,
-        aspp_rates=(1, 2, 3),
-        paper="not a paper model: the v3 head on a ResNet-10 sized for a 2-core CPU",
-    ),
-    # The same head on a half-width MobileNetV2 (for mobile export; on a 2-core CPU
-    # it trains slower per image and learns less per step than deeplabv3-resnet10-cpu).
-    Variant(
-        name="deeplabv3-mobilenetv2-cpu",
+    _V3_CPU,
+    # The same head on a half-width MobileNetV2 (for mobile export; on a 2-core CPU it
+    # trains slower per image and learns less per step than deeplabv3-resnet10-cpu).
+    changed(
+        _V3_CPU,
+        "deeplabv3-mobilenetv2-cpu",
+        "not a paper model: the v3 head on a half-width MobileNetV2 sized for a 2-core CPU",
         backbone="mobilenetv2",
-        output_stride=8,
         alpha=0.5,
-        head_filters=64,
-        aspp_rates=(1, 2, 3),
-        paper="not a paper model: the v3 head on a half-width MobileNetV2 sized for a 2-core CPU",
     ),
-    # DeepLab v1 (ICLR 2015): VGG-16 at output stride 8 with the fc6 configurations of
-    # Table 2 (v2 paper Table 1 gives the same with before/after-CRF val figures).
-    Variant(
-        name="deeplabv1",
-        **_VGG16_FC,
-        head_kernel_size=4,
-        head_rates=(4,),
-        head_filters=4096,
-        paper="DeepLab v1, sections 3.1-3.2, Table 2 (DeepLab(-CRF): fc6 4x4, input stride 4)",
-        reference_miou=(("before CRF", 59.80), ("after CRF", 63.74)),
-    ),
-    Variant(
-        name="deeplabv1-7x7",
-        **_VGG16_FC,
+    _DEEPLABV1,
+    changed(
+        _DEEPLABV1,
+        "deeplabv1-7x7",
+        "DeepLab v1, section 5, Table 2 (DeepLab-CRF-7x7: fc6 7x7, input stride 4)",
         head_kernel_size=7,
-        head_rates=(4,),
-        head_filters=4096,
-        paper="DeepLab v1, section 5, Table 2 (DeepLab-CRF-7x7: fc6 7x7, input stride 4)",
         reference_miou=(("before CRF", 64.38), ("after CRF", 67.64)),
     ),
-    Variant(
-        name="deeplabv1-4x4-r8",
-        **_VGG16_FC,
-        head_kernel_size=4,
+    changed(
+        _DEEPLABV1,
+        "deeplabv1-4x4-r8",
+        "DeepLab v1, section 5, Table 2 (DeepLab-CRF-4x4: fc6 4x4, input stride 8)",
         head_rates=(8,),
-        head_filters=4096,
-        paper="DeepLab v1, section 5, Table 2 (DeepLab-CRF-4x4: fc6 4x4, input stride 8)",
         reference_miou=(("before CRF (v2 Table 1)", 63.41), ("after CRF", 67.14)),
     ),
-    Variant(
-        name="deeplabv1-largefov",
-        **_LARGEFOV,
-        paper="DeepLab v1, section 5, Table 2 (DeepLab-LargeFOV: fc6 3x3, rate 12, 1024 filters)",
-        reference_miou=(("before CRF", 62.25), ("after CRF", 67.64)),
-    ),
+    _LARGEFOV,
     # Trained from a deeplabv1-largefov run, only the MSc weights (recipe v1-voc-msc).
-    Variant(
-        name="deeplabv1-msc-largefov",
-        **_LARGEFOV,
+    changed(
+        _LARGEFOV,
+        "deeplabv1-msc-largefov",
+        "DeepLab v1, sections 4.3 and 5, Table 1 (DeepLab-MSc-LargeFOV)",
         multiscale_features=True,
-        paper="DeepLab v1, sections 4.3 and 5, Table 1 (DeepLab-MSc-LargeFOV)",
         reference_miou=(("before CRF", 64.21), ("after CRF", 68.70)),
     ),
-    # DeepLab v2 (TPAMI 2017): ASPP on VGG-16 (section 4.1.2, Table 3) and ResNet-101
-    # (Table 4), all at output stride 8.
-    Variant(
-        name="deeplabv2-vgg16-aspp-s",
-        **_VGG16_FC,
+    # DeepLab v2 ASPP on VGG-16 (section 4.1.2, Table 3): LargeFOV's fc6-fc7-fc8 as one
+    # branch per rate.
+    changed(
+        _LARGEFOV,
+        "deeplabv2-vgg16-aspp-s",
+        "DeepLab v2, section 4.1.2, Table 3 (ASPP-S: fc6-fc7-fc8 branches, rates 2/4/8/12)",
         head_rates=(2, 4, 8, 12),
-        head_filters=1024,
-        paper="DeepLab v2, section 4.1.2, Table 3 (ASPP-S: fc6-fc7-fc8 branches, rates 2/4/8/12)",
         reference_miou=(("before CRF", 66.98), ("after CRF", 69.73)),
     ),
-    Variant(
-        name="deeplabv2-vgg16-aspp-l",
-        **_VGG16_FC,
+    changed(
+        _LARGEFOV,
+        "deeplabv2-vgg16-aspp-l",
+        "DeepLab v2, section 4.1.2, Table 3 (ASPP-L: fc6-fc7-fc8 branches, rates 6/12/18/24)",
         head_rates=(6, 12, 18, 24),
-        head_filters=1024,
-        paper="DeepLab v2, section 4.1.2, Table 3 (ASPP-L: fc6-fc7-fc8 branches, rates 6/12/18/24)",
         reference_miou=(("before CRF", 68.96), ("after CRF", 71.57)),
     ),
-    Variant(
-        name="deeplabv2-resnet101-largefov",
-        **_RESNET101_V2,
-        head_rates=(12,),
-        paper="DeepLab v2, section 4.1.2, Table 4 (ResNet-101 + LargeFOV: one 3x3 rate-12 "
-        "convolution to the classes; the paper's figures include MSC)",
-    ),
-    Variant(
-        name="deeplabv2-resnet101-aspp-l",
-        **_RESNET101_V2,
-        head_rates=(6, 12, 18, 24),
-        paper="DeepLab v2, section 4.1.2, Table 4 (ResNet-101 + ASPP-L: 3x3 convolutions to the "
-        "classes, rates 6/12/18/24, summed; the paper's figures include MSC)",
-    ),
-    Variant(
-        name="deeplabv2-resnet101-msc-aspp-l",
-        **_RESNET101_V2,
-        head_rates=(6, 12, 18, 24),
+    _V2_RESNET_LARGEFOV,
+    _V2_RESNET_ASPP_L,
+    changed(
+        _V2_RESNET_ASPP_L,
+        "deeplabv2-resnet101-msc-aspp-l",
+        "DeepLab v2, sections 3.2 and 4.1.2, Table 4 (ResNet-101, MSC with max fusion, ASPP-L)",
         input_scales=(1.0, 0.75, 0.5),
-        paper="DeepLab v2, sections 3.2 and 4.1.2, Table 4 (ResNet-101, MSC with max fusion, "
-        "ASPP-L)",
         reference_miou=(("MSC + COCO + aug", 75.54), ("MSC + COCO + aug + CRF", 77.69)),
     ),
-    # Yu & Koltun (ICLR 2016): the front end (section 4) and the context modules
-    # (section 3), trained on the frozen front end (section 5, recipe yu-koltun-context).
-    # Their figures come from front ends trained on VOC + COCO (section 5, Table 3).
-    Variant(
-        name="dilation-frontend",
-        **_FRONTEND,
-        paper="Yu & Koltun 2016, section 4 (front end: VGG-16 without pool4/pool5, no padding)",
-        reference_miou=(("VOC + COCO training", 69.8),),
-    ),
-    Variant(
-        name="dilation-context-basic",
-        **_FRONTEND,
+    _FRONTEND,
+    changed(
+        _FRONTEND,
+        "dilation-context-basic",
+        "Yu & Koltun 2016, sections 3 and 5, Tables 1 and 3 (front end + Basic context)",
         context_module="basic",
-        paper="Yu & Koltun 2016, sections 3 and 5, Tables 1 and 3 (front end + Basic context)",
         reference_miou=(("VOC + COCO training", 71.3),),
     ),
-    Variant(
-        name="dilation-context-large",
-        **_FRONTEND,
+    changed(
+        _FRONTEND,
+        "dilation-context-large",
+        "Yu & Koltun 2016, sections 3 and 5, Tables 1 and 3 (front end + Large context)",
         context_module="large",
-        paper="Yu & Koltun 2016, sections 3 and 5, Tables 1 and 3 (front end + Large context)",
         reference_miou=(("VOC + COCO training", 72.1),),
     ),
 )

@@ -9,7 +9,7 @@ import pytest
 from deeplab_tf import build_model, get_variant
 from deeplab_tf.inference import Predictor, model_at_output_stride
 from deeplab_tf.losses import SoftmaxCrossEntropy
-from deeplab_tf.multiscale import MultiScaleInputs, single_scale_model
+from deeplab_tf.multiscale import MultiScaleInputs, scaled_size, single_scale_model
 from deeplab_tf.training import load_init_checkpoint
 from tests.helpers import assert_same_weights
 from tests.tolerances import network_rtol, sum_rtol, sum_to_one_atol
@@ -22,6 +22,23 @@ RESIZE_RTOL = sum_rtol(4)
 # The wrapped network's float32 bound: its 4 convolutions in series and the input's
 # float32 rounding, sums of at most 3x3x16 terms.
 NETWORK_RTOL = network_rtol(5, 9 * 16)
+
+
+@pytest.mark.parametrize(
+    "size, scale, expected",
+    # TF1 DeepLab's scale_dimension, int((d - 1) * scale + 1), worked by hand: the v2
+    # MSC scales of a 321 crop, the half of a 513 image, and a size that stays >= 1.
+    [
+        (321, 0.75, 241),
+        (321, 0.5, 161),
+        (513, 0.5, 257),
+        (513, 0.25, 129),
+        (1, 0.5, 1),
+        (2, 0.5, 1),
+    ],
+)
+def test_scaled_size_keeps_the_corner_pixels_on_the_grid(size, scale, expected):
+    assert int(scaled_size(size, scale)) == expected
 
 
 def _msc_model(num_classes=4, upsample_logits=False):

@@ -6,9 +6,10 @@ import math
 
 import pytest
 
-from deeplab_tf import VARIANTS
+from deeplab_tf import VARIANTS, get_variant
 from deeplab_tf.data.sources import VOC_EXPECTED_COUNTS, voc2012_pairs
 from deeplab_tf.recipes import (
+    _PROTOCOLS,
     RECIPES,
     Recipe,
     choose_recipe,
@@ -17,6 +18,7 @@ from deeplab_tf.recipes import (
     get_recipe,
     paper_recipe,
 )
+from deeplab_tf.registry import changed
 from tests.data_helpers import make_voc_tree
 
 
@@ -105,6 +107,22 @@ def test_the_recipe_follows_the_manifest(variant):
         assert city.name == expected.get(voc.name, "v2-cityscapes")
     else:  # no Cityscapes protocol in the paper (v1, Yu-Koltun): derived from the VOC one
         assert city.name == f"{voc.name}-finetune" and sources["steps"].startswith("derived")
+
+
+def test_the_protocol_table_names_registered_variants_and_recipes_of_its_datasets():
+    for variant, (voc, cityscapes) in _PROTOCOLS.items():
+        assert variant in VARIANTS
+        assert RECIPES[voc].dataset == "pascal_voc_2012"
+        assert cityscapes is None or RECIPES[cityscapes].dataset == "cityscapes"
+
+
+def test_a_derived_row_keeps_its_base_but_states_its_own_figures():
+    base = get_variant("deeplabv3")
+    row = changed(base, "deeplabv3-x", "a test row", backbone="resnet50")
+    assert base.reference_miou and row.reference_miou == ()
+    assert (row.name, row.paper, row.backbone) == ("deeplabv3-x", "a test row", "resnet50")
+    assert dataclasses.replace(row, name=base.name, paper=base.paper, backbone=base.backbone,
+                               reference_miou=base.reference_miou) == base  # fmt: skip
 
 
 def test_cityscapes_protocols_are_the_papers():
