@@ -67,8 +67,9 @@ def remove_stale_temporaries(path: str | os.PathLike, kind: str = "tmp") -> list
     return removed
 
 
-def _fsync_dir(path: Path) -> None:
-    """Makes a rename inside ``path`` durable (POSIX; a no-op where unsupported)."""
+def _fsync(path: Path) -> None:
+    """Flushes a file, or a directory's entries after a rename, to disk (POSIX; a no-op
+    where unsupported)."""
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -78,25 +79,38 @@ def _fsync_dir(path: Path) -> None:
 
 
 @contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+    """A temporary name beside ``path`` (ending with ``suffix``, for writers that want
+    one) for any writer that takes a path; flushed and renamed onto ``path`` when the
+    block ends without an exception, removed otherwise."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_name(path, suffix=suffix)
+    try:
+        yield tmp
+        move_into_place(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def move_into_place(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Renames the finished file ``tmp`` onto ``path`` (same directory), durably."""
+    _fsync(Path(tmp))
+    os.replace(tmp, path)
+    _fsync(Path(path).parent)
+
+
+@contextlib.contextmanager
 def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator[IO[Any]]:
     """Opens a temporary file beside ``path`` (``mode`` "w" or "wb"), renamed onto
     ``path`` when the block ends without an exception, removed otherwise."""
     if mode not in ("w", "wb"):
         raise ValueError(f"mode must be 'w' or 'wb', got {mode!r}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_name(path)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # umask applies
-    try:
+    with atomic_path(path) as tmp:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # umask applies
         with open(fd, mode) as f:
             yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
@@ -111,14 +125,8 @@ def write_json_atomic(path: str | os.PathLike, data: Any, indent: int = 2) -> No
 
 def save_model_atomic(model: Any, path: str | os.PathLike) -> None:
     """``model.save(path)`` (a Keras ``.keras`` file) through a temporary name."""
-    path = Path(path)
-    tmp = temporary_name(path, suffix=".keras")  # Keras requires the suffix
-    try:
+    with atomic_path(path, suffix=".keras") as tmp:  # Keras requires the suffix
         model.save(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def temporary_dir(output_dir: str | os.PathLike) -> Path:
@@ -141,7 +149,7 @@ def replace_dir(tmp: str | os.PathLike, output_dir: str | os.PathLike) -> None:
         shutil.rmtree(old)
     else:
         os.replace(tmp, output_dir)
-    _fsync_dir(output_dir.parent)
+    _fsync(output_dir.parent)
 
 
 class PartialDir:

@@ -41,12 +41,24 @@ def test_modes_follow_the_umask(tmp_path, mask, directory, regular):
     ]  # fmt: skip
 
 
-def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
-    path = tmp_path / "results.json"
-    files.write_json_atomic(path, {"old": True})
-    with pytest.raises(RuntimeError), files.atomic_file(path) as f:
+def _write_half_through_a_file(path):
+    with files.atomic_file(path) as f:
         f.write('{"new": ')
         raise RuntimeError("killed half way")
+
+
+def _write_half_through_a_path(path):  # as Keras, PIL or a TFLite writer would
+    with files.atomic_path(path, suffix=".keras") as tmp:
+        tmp.write_text('{"new": ')
+        raise RuntimeError("killed half way")
+
+
+@pytest.mark.parametrize("write", [_write_half_through_a_file, _write_half_through_a_path])
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, write):
+    path = tmp_path / "results.json"
+    files.write_json_atomic(path, {"old": True})
+    with pytest.raises(RuntimeError, match="half way"):
+        write(path)
     assert json.loads(path.read_text()) == {"old": True}
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
 

@@ -383,11 +383,14 @@ def test_two_multi_worker_processes(tiny_shapes, tmp_path):
     ports = [_free_port(), _free_port()]
     cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
     model_dir = tmp_path / "run"
+    scratch = tmp_path / "tmp"  # where the non-chief worker writes, then removes
+    scratch.mkdir()
     processes = []
     try:
         for index in range(2):
             env = {
                 **ENV,
+                "TMPDIR": str(scratch),
                 "TF_CONFIG": json.dumps(
                     {"cluster": cluster, "task": {"type": "worker", "index": index}}
                 ),
@@ -421,3 +424,4 @@ def test_two_multi_worker_processes(tiny_shapes, tmp_path):
     results = json.loads((model_dir / "results.json").read_text())
     assert results["steps"] == 4
     assert (model_dir / "last.keras").is_file()
+    assert not list(scratch.glob("deeplab_worker_*"))

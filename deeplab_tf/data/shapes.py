@@ -21,7 +21,6 @@ VOC. :func:`ensure_shapes_tfrecords` generates and builds it on first use.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ from deeplab_tf.data import tfrecord
 from deeplab_tf.data.build import BadInputError, build_split
 from deeplab_tf.data.sources import voc_layout_pairs
 from deeplab_tf.data.specs import IGNORE_LABEL, SPECS
-from deeplab_tf.files import temporary_name
+from deeplab_tf.files import replace_dir, temporary_dir
 from deeplab_tf.progress import track
 
 SPEC = SPECS["shapes"]
@@ -170,9 +169,8 @@ def generate_shapes(
         raise FileExistsError(f"{root}: already exists; pass --overwrite to replace it")
     if min(num_train, num_val) < 1 or image_size < 32:
         raise ValueError("need num_train >= 1, num_val >= 1 and image_size >= 32")
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_name(root)  # a killed run's temporary goes
-    (tmp / "JPEGImages").mkdir(parents=True)
+    tmp = temporary_dir(root)  # and a killed run's temporary goes
+    (tmp / "JPEGImages").mkdir()
     (tmp / "SegmentationClass").mkdir()
     (tmp / "ImageSets" / "Segmentation").mkdir(parents=True)
     palette = SPEC.palette().ravel().tolist()
@@ -201,10 +199,7 @@ def generate_shapes(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if root.exists():
-        shutil.rmtree(root)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, root)
+    replace_dir(tmp, root)
     return root
 
 

@@ -23,7 +23,6 @@ image/segmentation/class/present       int64[] sorted class ids present (255 exc
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from collections.abc import Sequence
@@ -32,7 +31,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from deeplab_tf.files import temporary_name, write_json_atomic
+from deeplab_tf.files import move_into_place, temporary_dir, write_json_atomic
 
 IMAGE_ENCODED = "image/encoded"
 IMAGE_FORMAT = "image/format"
@@ -210,9 +209,7 @@ class ShardedWriter:
         self._shard = -1
 
     def __enter__(self) -> ShardedWriter:
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        self._tmp = temporary_name(self.out_dir / self.split)  # and a killed run's go
-        self._tmp.mkdir()
+        self._tmp = temporary_dir(self.out_dir / self.split)  # and a killed run's go
         return self
 
     def _open(self, shard: int) -> None:
@@ -246,7 +243,7 @@ class ShardedWriter:
             if old.name not in new:
                 old.unlink()
         for name in self.files():
-            os.replace(self._tmp / name, self.out_dir / name)
+            move_into_place(self._tmp / name, self.out_dir / name)
         self._tmp.rmdir()
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 from deeplab_tf import visualize
-from deeplab_tf.files import save_model_atomic, temporary_name, write_json_atomic
+from deeplab_tf.files import atomic_path, save_model_atomic, write_json_atomic
 from deeplab_tf.losses import resize_logits_bilinear
 from deeplab_tf.progress import Progress, clock, on_terminal
 
@@ -89,13 +89,8 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
 
     def _save_model(self) -> None:
         os.makedirs(self.backup_dir, exist_ok=True)
-        weights = temporary_name(self._weights_path, suffix=".weights.h5")  # Keras's suffix
-        try:
+        with atomic_path(self._weights_path, suffix=".weights.h5") as weights:  # Keras's suffix
             self.model.save_weights(str(weights), overwrite=True)
-            os.replace(weights, self._weights_path)
-        except BaseException:
-            weights.unlink(missing_ok=True)
-            raise
         write_json_atomic(
             self._training_metadata_path,
             {"epoch": self._current_epoch, "batch": self._last_batch_seen},

@@ -167,6 +167,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
         results.update(_final_scores(model, data_dir, recipe.val_split, replicas))
     if chief:
         write_json_atomic(write_dir / "results.json", results)
+    else:
+        shutil.rmtree(write_dir, ignore_errors=True)  # the scratch is of no further use
     if config.verbose and recipe.val_split:
         print(format_results(results))
     elif config.verbose:
