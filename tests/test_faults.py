@@ -112,6 +112,7 @@ CASES = [
     ("predict", ["--checkpoint", "{truncated}", "{photos}"], "not a complete .keras file"),
     ("export", ["--model-dir", "{run}", "--format", "onnx"], "--format"),
     ("export", ["--model-dir", "{run}", "--max-image-size", "0"], "--max-image-size must be"),
+    ("export", ["--model-dir", "{run}", "--calibration-images", "0"], "--calibration-images must"),
     ("export", ["--model-dir", "{run}", "--quantize", "int4"], "--quantize"),
     ("export", ["--model-dir", "{run}", "--input-size", "a"], "--input-size"),
     ("export", ["--model-dir", "{root}/missing"], "missing"),

@@ -62,41 +62,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 @common.handles_errors
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from deeplab_tf import export, prediction
-    from deeplab_tf.inference import Predictor, read_checkpoint_info
+    from deeplab_tf import export
 
-    formats = export.parse_formats(args.format)
-    quantize = export.parse_quantize(args.quantize)
-    input_size = export.parse_input_size(args.input_size)
-    if args.calibration_images < 1:
-        raise export.ExportError("--calibration-images must be positive")
-    if args.max_image_size < 1:
-        raise export.ExportError("--max-image-size must be positive")
-    crf = export.load_crf(args.crf or None) if args.crf is not None else None
-    flag = "--model-dir" if args.model_dir else "--checkpoint"
-    checkpoint = read_checkpoint_info(args.model_dir or args.checkpoint, flag)
-    if input_size is None and "tflite" in formats and checkpoint.crop_size:
-        input_size = (checkpoint.crop_size, checkpoint.crop_size)
-    variant = args.variant or checkpoint.variant
-    name = args.name or getattr(variant, "name", variant)  # a Variant or a name
-    if name:  # fail before loading the model
-        export.resolve_version_dir(args.export_dir, name, args.version, args.overwrite)
-    predictor = Predictor(checkpoint.path, variant=variant, output_stride=args.output_stride)
-    name = name or predictor.model.name
-    result = export.export(
-        predictor,
+    result = export.export_checkpoint(
+        args.model_dir or args.checkpoint,
         args.export_dir,
-        formats=formats,
-        name=name,
+        flag="--model-dir" if args.model_dir else "--checkpoint",
+        variant=args.variant,
+        output_stride=args.output_stride,
+        name=args.name,
         version=args.version,
-        spec=prediction.resolve_spec(predictor, args.dataset),
-        input_size=input_size,
-        quantize=quantize,
-        data_dir=args.data_dir or checkpoint.data_dir,
+        dataset=args.dataset,
+        data_dir=args.data_dir,
+        formats=export.parse_formats(args.format),
+        input_size=export.parse_input_size(args.input_size),
+        quantize=export.parse_quantize(args.quantize),
         representative_split=args.representative_split,
         calibration_images=args.calibration_images,
         evaluate_split=args.evaluate_split,
-        crf=crf,
+        crf=export.load_crf(args.crf or None) if args.crf is not None else None,
+        max_image_size=args.max_image_size,
         overwrite=args.overwrite,
         log=(lambda line: None) if args.quiet else print,
         progress=not args.quiet,

@@ -52,10 +52,17 @@ reads it after ``import deeplab_tf``. The SavedModel needs only TensorFlow:
 
 The modules: ``settings`` (formats, checks, file names), ``serving`` (the SavedModel's
 signatures), ``tflite`` (conversion and ``TFLitePredictor``) and ``bundle``
-(``export``, the version directory and its export.json).
+(``export``, the version directory and its export.json; ``export_checkpoint``, export.py's
+work).
 """
 
-from deeplab_tf.export.bundle import Export, export, format_summary, keras_model_for_apps
+from deeplab_tf.export.bundle import (
+    Export,
+    export,
+    export_checkpoint,
+    format_summary,
+    keras_model_for_apps,
+)
 from deeplab_tf.export.serving import SIGNATURES, save_serving_model
 from deeplab_tf.export.settings import (
     DEFAULT_MAX_IMAGE_SIZE,
@@ -85,6 +92,7 @@ __all__ = [
     "TFLitePredictor",
     "convert_tflite",
     "export",
+    "export_checkpoint",
     "format_summary",
     "keras_model_for_apps",
     "load_crf",

@@ -33,8 +33,9 @@ from deeplab_tf.export.tflite import (
     save_fixed_size_model,
 )
 from deeplab_tf.files import replace_dir, temporary_dir, write_json_atomic
-from deeplab_tf.inference import Predictor
+from deeplab_tf.inference import Predictor, read_checkpoint_info
 from deeplab_tf.layers import ResizeBilinear
+from deeplab_tf.prediction import resolve_spec
 
 
 @dataclasses.dataclass
@@ -67,6 +68,13 @@ def _file_entry(path: Path, root: Path, **extra: Any) -> dict[str, Any]:
 
 def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _check_counts(calibration_images: int, max_image_size: int) -> None:
+    for flag, value in (("--calibration-images", calibration_images),
+                        ("--max-image-size", max_image_size)):  # fmt: skip
+        if value < 1:
+            raise ExportError(f"{flag} must be positive, got {value}")
 
 
 def export(
@@ -115,6 +123,7 @@ def export(
 
     formats = parse_formats(formats)
     quantize = parse_quantize(quantize)
+    _check_counts(calibration_images, max_image_size)
     if "tflite" in formats and input_size is None:
         raise ExportError("--input-size is required for --format tflite (a fixed size)")
     if "tflite" not in formats and (input_size is not None or quantize != ("none",)):
@@ -215,6 +224,55 @@ def export(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return Export(path, manifest)
+
+
+def export_checkpoint(
+    source: str | os.PathLike,
+    export_dir: str | os.PathLike,
+    *,
+    flag: str = "--checkpoint",
+    variant: str | None = None,
+    output_stride: int | None = None,
+    name: str | None = None,
+    version: int | None = None,
+    dataset: str | None = None,
+    data_dir: str | os.PathLike | None = None,
+    formats: Sequence[str] = ("savedmodel",),
+    input_size: tuple[int, int] | None = None,
+    calibration_images: int = 100,
+    max_image_size: int = DEFAULT_MAX_IMAGE_SIZE,
+    overwrite: bool = False,
+    **options: Any,
+) -> Export:
+    """``export`` of a training run's directory or a ``.keras`` file (``source``, named
+    in errors as ``flag``), as export.py runs it. What is not given comes from the run's
+    config.json: the variant, the data directory, the classes (``dataset``: a spec name
+    or file) and the TFLite input size (the training crop). A version that exists
+    without ``overwrite`` is refused before the model loads. ``options``: ``export``'s
+    other keyword arguments."""
+    _check_counts(calibration_images, max_image_size)  # before loading anything
+    checkpoint = read_checkpoint_info(source, flag)
+    if input_size is None and "tflite" in parse_formats(formats) and checkpoint.crop_size:
+        input_size = (checkpoint.crop_size, checkpoint.crop_size)
+    variant = variant or checkpoint.variant
+    name = name or getattr(variant, "name", variant)  # a Variant or a name
+    if name:  # fail before loading the model
+        resolve_version_dir(export_dir, name, version, overwrite)
+    predictor = Predictor(checkpoint.path, variant=variant, output_stride=output_stride)
+    return export(
+        predictor,
+        export_dir,
+        formats=formats,
+        name=name,
+        version=version,
+        spec=resolve_spec(predictor, dataset),
+        input_size=input_size,
+        data_dir=data_dir or checkpoint.data_dir,
+        calibration_images=calibration_images,
+        max_image_size=max_image_size,
+        overwrite=overwrite,
+        **options,
+    )
 
 
 def _mean_iou(
