@@ -57,12 +57,20 @@ def test_missing_checkpoint(capsys, tmp_path):
     assert "--model-dir" in err and "nope" in err
 
 
-def test_crf_option(capsys, model_dir, tmp_path):
-    args = ["--model-dir", model_dir, "--export-dir", tmp_path, "--crf"]
+def test_crf_and_max_image_size_reach_the_savedmodel(capsys, model_dir, tmp_path):
+    import tensorflow as tf
+
+    args = ["--model-dir", model_dir, "--export-dir", tmp_path, "--crf", "--max-image-size", "64"]
     code, out, err = _run(capsys, *args)
     assert code == 0, err
-    manifest = json.loads((tmp_path / "tiny" / "1" / "export.json").read_text())
+    version = tmp_path / "tiny" / "1"
+    manifest = json.loads((version / "export.json").read_text())
     assert manifest["inference"]["crf"] is True and "with the dense CRF" in out
+    assert manifest["formats"]["savedmodel"]["max_image_size"] == 64
+    serve = tf.saved_model.load(str(version)).signatures["serving_default"]
+    assert serve(images=tf.zeros([1, 64, 40, 3], tf.uint8))["labels"].shape == (1, 64, 40)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="1 <= H, W <= 64"):
+        serve(images=tf.zeros([1, 65, 40, 3], tf.uint8))
 
 
 def test_versions_are_never_replaced_without_overwrite(capsys, model_dir, tmp_path):
@@ -124,18 +132,3 @@ def test_killed_export_leaves_no_version_directory(model_dir, tmp_path, capsys):
     assert code == 0, err  # the leftover temporary directory is no version
     assert (base / "1" / "model.keras").is_file()
     assert not list(base.glob(".*"))  # and the rerun removed the killed one's temporary
-
-
-def test_max_image_size_reaches_the_savedmodel(capsys, model_dir, tmp_path):
-    import tensorflow as tf
-
-    args = ["--model-dir", model_dir, "--export-dir", tmp_path, "--max-image-size", "64"]
-    code, _, err = _run(capsys, *args)
-    assert code == 0, err
-    version = tmp_path / "tiny" / "1"
-    manifest = json.loads((version / "export.json").read_text())
-    assert manifest["formats"]["savedmodel"]["max_image_size"] == 64
-    serve = tf.saved_model.load(str(version)).signatures["serving_default"]
-    assert serve(images=tf.zeros([1, 64, 40, 3], tf.uint8))["labels"].shape == (1, 64, 40)
-    with pytest.raises(tf.errors.InvalidArgumentError, match="1 <= H, W <= 64"):
-        serve(images=tf.zeros([1, 65, 40, 3], tf.uint8))
