@@ -42,6 +42,7 @@ NUMERICS = (
     "tests/test_losses.py",
     "tests/test_msc.py",
     "tests/test_schedules.py",
+    "tests/test_separable.py",
     "tests/test_training.py::test_mirrored_sync_bn_sees_the_whole_batch",
     "tests/test_vgg.py::TestImageNetConvolutions",
     "tests/test_vgg.py::TestFcConversion::test_7x7_conversion_computes_the_dense_layer",

@@ -3,6 +3,7 @@
 * ``normalization``: input normalisation, batch norm, margin padding;
 * ``atrous``: atrous convolution (three implementations) and ``ConvBNReLU``;
 * ``aspp``: v3's ASPP with image pooling;
+* ``separable``: v3+'s atrous separable convolution;
 * ``heads``: upsampling at the model's end and the fc heads' dropout;
 * ``context``: the Yu-Koltun context module;
 * ``base``: registration and argument checks.
@@ -47,6 +48,12 @@ from deeplab_tf.layers.normalization import (
     normalization_mean,
     reflect_indices,
 )
+from deeplab_tf.layers.separable import (
+    AtrousSeparableConv2D,
+    depthwise_atrous_conv2d,
+    fixed_padding,
+    native_dilated_depthwise_available,
+)
 
 __all__ = [
     "ASPP",
@@ -59,6 +66,7 @@ __all__ = [
     "NORMALIZATION_MODES",
     "PADDING_MODES",
     "AtrousConv2D",
+    "AtrousSeparableConv2D",
     "ContextIdentity",
     "ContextModule",
     "ConvBNReLU",
@@ -69,8 +77,11 @@ __all__ = [
     "ResizeBilinear",
     "UpsampleAndCrop",
     "batch_norm",
+    "depthwise_atrous_conv2d",
     "direct_atrous_conv2d",
+    "fixed_padding",
     "native_dilated_backprop_available",
+    "native_dilated_depthwise_available",
     "normalization_layer",
     "normalization_mean",
     "reflect_indices",
