@@ -288,6 +288,23 @@ class TestASPP:
         assert aspp.projection.conv.kernel.shape == (1, 1, 40, 8)
         assert np.all(np.asarray(y) >= 0)  # ends with ReLU
 
+    def test_separable_branches(self):
+        """v3+: each 3x3 branch is an atrous separable convolution at its rate; the ASPP
+        is the projection of the branches' concatenation."""
+        aspp = ASPP(filters=6, rates=(2, 3), separable=True, implementation="direct")
+        x = rng.normal(size=(2, 9, 7, 5)).astype("float32")
+        y = aspp(x, training=False)
+        separable = aspp.branches[1:3]
+        assert [type(b).__name__ for b in separable] == ["AtrousSeparableConv2D"] * 2
+        assert [(b.rate, b.implementation, b.relu) for b in separable] == [
+            (2, "direct", True), (3, "direct", True)
+        ]  # fmt: skip
+        assert separable[0].depthwise_kernel.shape == (3, 3, 5, 1)
+        branches = np.concatenate([b(x, training=False) for b in aspp.branches], axis=-1)
+        expected = aspp.projection(branches, training=False)
+        # The same ops on the same inputs in another graph: last-bit differences only.
+        np.testing.assert_allclose(y, expected, rtol=0, atol=sum_rtol(30) * np.abs(expected).max())
+
     def test_without_image_pooling(self):
         aspp = ASPP(filters=4, rates=(1,), image_pooling=False)
         aspp(np.zeros((1, 3, 3, 2), "float32"))
@@ -335,6 +352,7 @@ class TestASPP:
         (ConvBNReLU(4, 3, rate=2), rng.normal(size=(1, 6, 6, 3))),
         (ImagePooling(4), rng.normal(size=(2, 5, 3, 3))),
         (ASPP(filters=4, rates=(1, 2, 3), dropout=0.1), rng.normal(size=(1, 6, 5, 3))),
+        (ASPP(filters=4, rates=(2,), separable=True), rng.normal(size=(1, 6, 5, 3))),
         (ResizeBilinear(), [rng.normal(size=(1, 3, 4, 2)), rng.normal(size=(1, 9, 13, 1))]),
     ],
     ids=lambda v: type(v).__name__ if isinstance(v, keras.layers.Layer) else "",

@@ -1,5 +1,5 @@
 """Atrous spatial pyramid pooling: v2's summed branches are built in ``model``; here v3's
-``ASPP`` with batch norm and its ``ImagePooling`` branch."""
+``ASPP`` with batch norm and its ``ImagePooling`` branch, and v3+'s separable form."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from keras import layers, ops
 
 from deeplab_tf.layers.atrous import ConvBNReLU
 from deeplab_tf.layers.base import check_positive_int, register
+from deeplab_tf.layers.separable import AtrousSeparableConv2D
 
 
 @register
@@ -87,6 +88,8 @@ class ASPP(layers.Layer):
         image_pooling: whether to add the image-level branch.
         dropout: dropout rate after the projection (0 disables it).
         implementation: atrous implementation of the 3x3 branches.
+        separable: the 3x3 branches as atrous separable convolutions
+            (``AtrousSeparableConv2D``, v3+ section 3.1; TF1 ``aspp_with_separable_conv``).
         bn_momentum, bn_epsilon, sync_batchnorm: batch norm settings.
     """
 
@@ -97,6 +100,7 @@ class ASPP(layers.Layer):
         image_pooling: bool = True,
         dropout: float = 0.0,
         implementation: str = "dilated",
+        separable: bool = False,
         bn_momentum: float = 0.9997,
         bn_epsilon: float = 1e-5,
         sync_batchnorm: bool = False,
@@ -116,6 +120,7 @@ class ASPP(layers.Layer):
         self.image_pooling = image_pooling
         self.dropout = dropout
         self.implementation = implementation
+        self.separable = separable
         self.bn_momentum = bn_momentum
         self.bn_epsilon = bn_epsilon
         self.sync_batchnorm = sync_batchnorm
@@ -124,9 +129,10 @@ class ASPP(layers.Layer):
         self.branches = [ConvBNReLU(filters, 1, name="branch_1x1", **norm)]
         # Branch names carry the index, not the rate: the rates change with the
         # output stride and the variables must not.
+        branch = AtrousSeparableConv2D if separable else ConvBNReLU
         for index, rate in enumerate(rates):
             self.branches.append(
-                ConvBNReLU(
+                branch(
                     filters,
                     3,
                     rate=rate,
@@ -163,6 +169,7 @@ class ASPP(layers.Layer):
             "image_pooling": self.image_pooling,
             "dropout": self.dropout,
             "implementation": self.implementation,
+            "separable": self.separable,
             "bn_momentum": self.bn_momentum,
             "bn_epsilon": self.bn_epsilon,
             "sync_batchnorm": self.sync_batchnorm,
