@@ -20,13 +20,21 @@ import keras
 from keras import layers
 
 from deeplab_tf.backbones import build_backbone, check_output_stride
+from deeplab_tf.backbones.features import low_level_feature_name
 from deeplab_tf.backbones.vgg import (
     FRONTEND_STRIDE,
     VGG_BACKBONES,
     load_vgg16_weights,
     vgg_fc_layers,
 )
-from deeplab_tf.layers import ASPP, AtrousConv2D, ContextModule, ResizeBilinear, UpsampleAndCrop
+from deeplab_tf.layers import (
+    ASPP,
+    AtrousConv2D,
+    ContextModule,
+    Decoder,
+    ResizeBilinear,
+    UpsampleAndCrop,
+)
 from deeplab_tf.multiscale import MultiScaleInputs, single_scale_model
 from deeplab_tf.variants import Variant, get_variant
 
@@ -118,7 +126,12 @@ def build_model(
         weights=None if vgg else backbone_weights,  # VGG: below, with fc6/fc7
         msc_taps=variant.multiscale_features,
     )
-    x = backbone(inputs)
+    if variant.decoder:  # the backbone also returns its stride-4 features
+        low_level = backbone.get_layer(low_level_feature_name(backbone)).output
+        backbone = keras.Model(backbone.input, [backbone.output, low_level], name=backbone.name)
+        x, low_level = backbone(inputs)
+    else:
+        x = backbone(inputs)
     if variant.multiscale_features:
         x, *taps = x
     rates = variant.head_rates_at(output_stride)
@@ -134,10 +147,21 @@ def build_model(
                 image_pooling=variant.image_pooling,
                 dropout=aspp_dropout,
                 implementation=atrous_implementation,
+                separable=variant.separable,
                 bn_momentum=bn_momentum,
                 sync_batchnorm=sync_batchnorm,
                 name="aspp",
             )(x)
+        if variant.decoder:
+            x = Decoder(
+                filters=variant.head_filters,
+                low_level_filters=variant.decoder_low_level_filters,
+                separable=variant.separable,
+                implementation=atrous_implementation,
+                bn_momentum=bn_momentum,
+                sync_batchnorm=sync_batchnorm,
+                name="decoder",
+            )([x, low_level])
         logits = layers.Conv2D(num_classes, 1, name="logits")(x)
     if variant.multiscale_features:
         logits = _add_multiscale_features(logits, taps, num_classes)

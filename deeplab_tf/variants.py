@@ -48,6 +48,13 @@ class Variant:
         context_module: Yu-Koltun ``"basic"`` or ``"large"`` context module on the
             front end's logits, or ``"none"``.
         alpha: MobileNetV2 width multiplier.
+        decoder: the v3+ decoder (v3+ section 3.1) on the ASPP and the backbone's
+            stride-4 features; the logits are then at stride 4. Its 3x3 convolutions
+            are ``head_filters`` wide.
+        decoder_low_level_filters: channels of the low-level projection (48, v3+
+            Table 1).
+        separable: the ASPP's and the decoder's 3x3 convolutions as atrous separable
+            convolutions (v3+ sections 3.1-3.2, its Xception model).
         paper: where the configuration comes from.
         reference_miou: (setting, VOC 2012 val mIoU) pairs reported by the paper.
     """
@@ -68,6 +75,9 @@ class Variant:
     input_scales: tuple[float, ...] = ()
     context_module: str = "none"
     alpha: float = 1.0
+    decoder: bool = False
+    decoder_low_level_filters: int = 48
+    separable: bool = False
     reference_miou: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self):
@@ -92,6 +102,8 @@ class Variant:
             )
         if self.context_module != "none" and self.backbone != "vgg16_frontend":
             raise ValueError("a context module needs the vgg16_frontend backbone (Yu-Koltun)")
+        if (self.decoder or self.separable) and self.head != "aspp":
+            raise ValueError("decoder and separable go with the 'aspp' head (DeepLabv3+)")
         if self.input_scales and (
             self.input_scales[0] != 1.0 or not all(s > 0 for s in self.input_scales)
         ):
@@ -118,6 +130,13 @@ _DEEPLABV3 = Variant(
     multi_grid=(1, 2, 4),
     paper="DeepLab v3, section 4.2, Tables 5-6 (ResNet-101, ASPP + image pooling)",
     reference_miou=(("OS16", 77.21), ("OS8 eval, MS + flip", 79.77)),
+)
+_DEEPLABV3PLUS = changed(
+    _DEEPLABV3,
+    "deeplabv3plus",
+    "DeepLabv3+, sections 3.1 and 4.2-4.3 (ResNet-101 encoder as v3, decoder: 48-channel "
+    "stride-4 projection, two 3x3 convolutions of 256)",
+    decoder=True,
 )
 # The quickstart model (``make quickstart``, recipe shapes-cpu): the v3 head, narrow and
 # with rates scaled to 96-pixel images (at output stride 8 the features are 12x12, where
@@ -219,6 +238,25 @@ VARIANTS: dict[str, Variant] = make_registry(
         "not a paper model: the v3 head on a half-width MobileNetV2 sized for a 2-core CPU",
         backbone="mobilenetv2",
         alpha=0.5,
+    ),
+    # DeepLabv3+ (ECCV 2018): the v3 network as the encoder, the decoder at stride 4
+    # (section 3.1); "the same training protocol as" v3 (section 4).
+    _DEEPLABV3PLUS,
+    changed(
+        _DEEPLABV3PLUS,
+        "deeplabv3plus-resnet50",
+        "DeepLabv3+, section 3.1 on the ResNet-50 of v3 section 4.1 (no paper figure)",
+        backbone="resnet50",
+    ),
+    # The quickstart model with the decoder (the paper's claim on the shapes data: the
+    # decoder sharpens boundaries); the low-level projection scaled as the head,
+    # 48 x 64 / 256 = 12 channels.
+    changed(
+        _V3_CPU,
+        "deeplabv3plus-resnet10-cpu",
+        "not a paper model: deeplabv3-resnet10-cpu with the v3+ decoder at stride 4",
+        decoder=True,
+        decoder_low_level_filters=12,
     ),
     _DEEPLABV1,
     changed(

@@ -4,6 +4,7 @@
 * ``atrous``: atrous convolution (three implementations) and ``ConvBNReLU``;
 * ``aspp``: v3's ASPP with image pooling;
 * ``separable``: v3+'s atrous separable convolution;
+* ``decoder``: v3+'s decoder;
 * ``heads``: upsampling at the model's end and the fc heads' dropout;
 * ``context``: the Yu-Koltun context module;
 * ``base``: registration and argument checks.
@@ -29,6 +30,7 @@ from deeplab_tf.layers.context import (
     ContextIdentity,
     ContextModule,
 )
+from deeplab_tf.layers.decoder import DECODER_CONVOLUTIONS, Decoder
 from deeplab_tf.layers.heads import (
     FreezableDropout,
     ResizeBilinear,
@@ -61,6 +63,7 @@ __all__ = [
     "CONTEXT_DILATIONS",
     "CONTEXT_MARGIN",
     "CONTEXT_WIDTHS",
+    "DECODER_CONVOLUTIONS",
     "IMAGENET_MEAN_RGB",
     "NORMALIZATION_MEANS",
     "NORMALIZATION_MODES",
@@ -70,6 +73,7 @@ __all__ = [
     "ContextIdentity",
     "ContextModule",
     "ConvBNReLU",
+    "Decoder",
     "FreezableDropout",
     "ImagePooling",
     "MarginPadding2D",
