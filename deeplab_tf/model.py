@@ -20,7 +20,7 @@ import keras
 from keras import layers
 
 from deeplab_tf.backbones import build_backbone, check_output_stride
-from deeplab_tf.backbones.features import low_level_feature_name
+from deeplab_tf.backbones.features import DECODER_STRIDE, low_level_feature_name
 from deeplab_tf.backbones.vgg import (
     FRONTEND_STRIDE,
     VGG_BACKBONES,
@@ -320,9 +320,12 @@ def describe_model(
     model.summary(print_fn=lambda line, **_: lines.append(line))
     logits = model(keras.ops.zeros((1, *input_size, 3)), training=False)
     stride = output_stride or variant.output_stride
+    where = f"stride {DECODER_STRIDE} (decoder; encoder at output stride {stride})" if (
+        variant.decoder
+    ) else f"output stride {stride}"  # fmt: skip
     lines.append(
         f"input {input_size[0]}x{input_size[1]} -> logits {logits.shape[1]}x{logits.shape[2]}"
-        f"x{logits.shape[3]} at output stride {stride} (upsampled to the input size in the model)"
+        f"x{logits.shape[3]} at {where} (upsampled to the input size in the model)"
     )
     return "\n".join(lines)
 

@@ -240,7 +240,7 @@ VARIANTS: dict[str, Variant] = make_registry(
         alpha=0.5,
     ),
     # DeepLabv3+ (ECCV 2018): the v3 network as the encoder, the decoder at stride 4
-    # (section 3.1); "the same training protocol as" v3 (section 4).
+    # (section 3.1), trained with v3's protocol (section 4).
     _DEEPLABV3PLUS,
     changed(
         _DEEPLABV3PLUS,
