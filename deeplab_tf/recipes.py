@@ -286,8 +286,8 @@ _PROTOCOLS: dict[str, tuple[str, str | None]] = {
     "deeplabv3-cascade": _V3_PROTOCOLS,
     "deeplabv3-mobilenetv2": _V3_PROTOCOLS,
     # v3+ section 4 follows v3's training protocol (poly from 0.007, 513 crops, batch
-    # norm fine-tuned at OS16, random scaling); TF1's g3doc/cityscapes.md trains on Cityscapes with v3's 769
-    # crops and 90K steps.
+    # norm fine-tuned at OS16, random scaling); TF1's g3doc/cityscapes.md trains on
+    # Cityscapes with v3's 769 crops and 90K steps.
     "deeplabv3plus": _V3_PROTOCOLS,
     "deeplabv3plus-resnet50": _V3_PROTOCOLS,
     "deeplabv1": ("v1-voc-step", None),
