@@ -248,6 +248,22 @@ VARIANTS: dict[str, Variant] = make_registry(
         "DeepLabv3+, section 3.1 on the ResNet-50 of v3 section 4.1 (no paper figure)",
         backbone="resnet50",
     ),
+    # The paper's flagship (section 3.2 and 4.3-4.4): aligned Xception-65, separable
+    # ASPP and decoder. Figures of the TF1 model zoo (g3doc/model_zoo.md,
+    # xception_coco_voc_trainaug: COCO-pretrained, VOC train_aug).
+    changed(
+        _DEEPLABV3PLUS,
+        "deeplabv3plus-xception65",
+        "DeepLabv3+, sections 3.1-3.2 (aligned Xception-65, atrous separable ASPP and "
+        "decoder); TF1 model zoo xception_coco_voc_trainaug",
+        backbone="xception65",
+        multi_grid=(1, 1, 1),
+        separable=True,
+        reference_miou=(
+            ("OS16, COCO + VOC train_aug (TF1 zoo)", 82.20),
+            ("OS8 eval, MS + flip (TF1 zoo)", 83.58),
+        ),
+    ),
     # The quickstart model with the decoder (the paper's claim on the shapes data: the
     # decoder sharpens boundaries); the low-level projection scaled as the head,
     # 48 x 64 / 256 = 12 channels.

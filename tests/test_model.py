@@ -218,7 +218,7 @@ class TestBadArguments:
             (
                 lambda: Variant(name="x", backbone="vgg19", paper="-"),
                 r"backbone must be one of \['resnet50', 'resnet101', 'mobilenetv2', "
-                r"'resnet10_cpu', 'vgg16', 'vgg16_frontend'\]",
+                r"'resnet10_cpu', 'xception65', 'vgg16', 'vgg16_frontend'\]",
             ),
             (
                 lambda: build_model(TINY, 3, atrous_implementation="winograd"),

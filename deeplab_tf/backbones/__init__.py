@@ -1,5 +1,5 @@
-"""Backbones: ResNet-50/101, MobileNetV2 and the small resnet10_cpu with output-stride
-control; VGG-16 (v1/v2, Yu-Koltun)."""
+"""Backbones: ResNet-50/101, MobileNetV2, aligned Xception-65 and the small resnet10_cpu
+with output-stride control; VGG-16 (v1/v2, Yu-Koltun)."""
 
 from __future__ import annotations
 
@@ -19,8 +19,9 @@ from deeplab_tf.backbones.weights import (
     transfer_weights,
     weights_source,
 )
+from deeplab_tf.backbones.xception import build_xception65
 
-BACKBONES = (*RESNET_UNITS, "mobilenetv2", "resnet10_cpu", *VGG_BACKBONES)
+BACKBONES = (*RESNET_UNITS, "mobilenetv2", "resnet10_cpu", "xception65", *VGG_BACKBONES)
 
 
 def build_backbone(
@@ -38,7 +39,8 @@ def build_backbone(
 ) -> keras.Model:
     """Builds a backbone by name and optionally fills it with ImageNet weights.
 
-    ``multi_grid``, ``cascade_blocks`` and ``implementation`` apply to ResNets,
+    ``multi_grid``, ``cascade_blocks`` and ``implementation`` apply to ResNets
+    (``multi_grid`` and ``implementation`` to Xception-65 too),
     ``alpha`` to MobileNetV2, ``msc_taps`` to ``vgg16``; see ``build_resnet``,
     ``build_mobilenet_v2``, ``build_resnet10_cpu``, ``build_vgg16`` and
     ``build_vgg16_frontend`` (resnet10_cpu and VGG-16: ``implementation`` too).
@@ -73,6 +75,15 @@ def build_backbone(
     elif arch == "resnet10_cpu":
         model = build_resnet10_cpu(
             output_stride=output_stride,
+            implementation=implementation,
+            bn_momentum=bn_momentum,
+            sync_batchnorm=sync_batchnorm,
+            input_shape=input_shape,
+        )
+    elif arch == "xception65":
+        model = build_xception65(
+            output_stride=output_stride,
+            multi_grid=multi_grid,
             implementation=implementation,
             bn_momentum=bn_momentum,
             sync_batchnorm=sync_batchnorm,

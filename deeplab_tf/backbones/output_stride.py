@@ -36,6 +36,17 @@ def check_output_stride(output_stride: object) -> int:
     return output_stride  # type: ignore[return-value]
 
 
+def check_multi_grid(multi_grid: Sequence[int], units: int, block: str) -> tuple[int, ...]:
+    """The multi-grid unit rates of ``block`` (v3 section 3.2), one per unit."""
+    multi_grid = tuple(multi_grid)
+    if len(multi_grid) != units or not all(isinstance(r, int) and r >= 1 for r in multi_grid):
+        raise ValueError(
+            f"multi_grid must be {units} positive integer unit rates (one per unit of "
+            f"{block}), got {multi_grid!r}"
+        )
+    return multi_grid
+
+
 def stage_strides(
     nominal_strides: Sequence[int], output_stride: int, stem_stride: int
 ) -> list[StageStride]:

@@ -16,7 +16,11 @@ import keras
 from keras import layers
 
 from deeplab_tf.backbones.features import FeatureInfo
-from deeplab_tf.backbones.output_stride import check_output_stride, stage_strides
+from deeplab_tf.backbones.output_stride import (
+    check_multi_grid,
+    check_output_stride,
+    stage_strides,
+)
 from deeplab_tf.layers import AtrousConv2D, PixelNormalization
 
 RESNET_UNITS = {"resnet50": (3, 4, 6, 3), "resnet101": (3, 4, 23, 3)}
@@ -24,16 +28,6 @@ STAGE_FILTERS = (64, 128, 256, 512)
 MAX_CASCADE_BLOCKS = 3
 # keras.applications ResNet batch norm epsilon; the weights were trained with it.
 BN_EPSILON = 1.001e-5
-
-
-def _check_multi_grid(multi_grid: Sequence[int], units: int) -> tuple[int, ...]:
-    multi_grid = tuple(multi_grid)
-    if len(multi_grid) != units or not all(isinstance(r, int) and r >= 1 for r in multi_grid):
-        raise ValueError(
-            f"multi_grid must be {units} positive integer unit rates (one per unit of "
-            f"block4), got {multi_grid!r}"
-        )
-    return multi_grid
 
 
 def _bottleneck_unit(
@@ -115,7 +109,7 @@ def build_resnet(
     if arch not in RESNET_UNITS:
         raise ValueError(f"arch must be one of {sorted(RESNET_UNITS)}, got {arch!r}")
     check_output_stride(output_stride)
-    multi_grid = _check_multi_grid(multi_grid, RESNET_UNITS[arch][-1])
+    multi_grid = check_multi_grid(multi_grid, RESNET_UNITS[arch][-1], "block4")
     if cascade_blocks not in range(MAX_CASCADE_BLOCKS + 1):
         raise ValueError(
             f"cascade_blocks must be in 0..{MAX_CASCADE_BLOCKS} (block5..block7), "

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import keras
 
 # Backbones of ours that no keras.applications model mirrors (no ImageNet weights).
-NO_KERAS_APPLICATION = ("resnet10_cpu",)
+NO_KERAS_APPLICATION = ("resnet10_cpu", "xception65")  # aligned Xception: not in keras
 
 logger = logging.getLogger(__name__)
 
