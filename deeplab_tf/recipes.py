@@ -291,6 +291,7 @@ _PROTOCOLS: dict[str, tuple[str, str | None]] = {
     "deeplabv3plus": _V3_PROTOCOLS,
     "deeplabv3plus-resnet50": _V3_PROTOCOLS,
     "deeplabv3plus-xception65": _V3_PROTOCOLS,
+    "deeplabv3plus-mobilenetv2": _V3_PROTOCOLS,
     "deeplabv1": ("v1-voc-step", None),
     "deeplabv1-7x7": ("v1-voc-step", None),
     "deeplabv1-4x4-r8": ("v1-voc-step", None),

@@ -264,6 +264,22 @@ VARIANTS: dict[str, Variant] = make_registry(
             ("OS8 eval, MS + flip (TF1 zoo)", 83.58),
         ),
     ),
+    # As the TF1 model zoo builds DeepLab on MobileNetV2 (g3doc/model_zoo.md,
+    # mobilenetv2_coco_voc_trainaug): "MobileNet-v2 based models do not employ ASPP and
+    # decoder modules for fast computation": image pooling and a 1x1 branch only, no
+    # decoder. Kept under the zoo's DeepLabv3+ release; deeplabv3-mobilenetv2 has the
+    # full ASPP, and a decoder on its block_2_add would be a variant of one line.
+    Variant(
+        name="deeplabv3plus-mobilenetv2",
+        backbone="mobilenetv2",
+        aspp_rates=(),
+        paper="DeepLabv3+ release, TF1 model zoo mobilenetv2_coco_voc_trainaug (MobileNetV2, "
+        "image pooling + 1x1, no atrous branches, no decoder)",
+        reference_miou=(
+            ("OS16, COCO + VOC train_aug (TF1 zoo)", 75.32),
+            ("OS8 eval, MS + flip (TF1 zoo)", 77.33),
+        ),
+    ),
     # The quickstart model with the decoder (the paper's claim on the shapes data: the
     # decoder sharpens boundaries); the low-level projection scaled as the head,
     # 48 x 64 / 256 = 12 channels.

@@ -123,3 +123,13 @@ def test_low_level_features_are_the_deepest_stride_4_output():
     with pytest.raises(ValueError, match="decoder and separable go with the 'aspp' head"):
         Variant(name="x", backbone="vgg16", head="vgg_fc", head_rates=(12,), paper="-",
                 decoder=True)  # fmt: skip
+
+
+def test_v3plus_mobilenetv2_is_the_tf1_zoos():
+    """TF1's MobileNetV2 model (model_zoo.md): no ASPP atrous branches, no decoder."""
+    variant = get_variant("deeplabv3plus-mobilenetv2")
+    assert (variant.decoder, variant.aspp_rates, variant.image_pooling) == (False, (), True)
+    model = build_model(variant, 21, upsample_logits=False)
+    aspp = model.get_layer("aspp")
+    assert [b.name for b in aspp.branches] == ["branch_1x1", "image_pooling"]
+    assert model(np.zeros((1, 513, 513, 3), "float32")).shape == (1, 33, 33, 21)

@@ -305,6 +305,13 @@ class TestASPP:
         # The same ops on the same inputs in another graph: last-bit differences only.
         np.testing.assert_allclose(y, expected, rtol=0, atol=sum_rtol(30) * np.abs(expected).max())
 
+    def test_without_atrous_branches(self):
+        """TF1's MobileNetV2 model: the 1x1 branch and image pooling, projected."""
+        aspp = ASPP(filters=4, rates=())
+        y = aspp(rng.normal(size=(1, 5, 6, 3)).astype("float32"))
+        assert [b.name for b in aspp.branches] == ["branch_1x1", "image_pooling"]
+        assert aspp.projection.conv.kernel.shape == (1, 1, 8, 4) and y.shape == (1, 5, 6, 4)
+
     def test_without_image_pooling(self):
         aspp = ASPP(filters=4, rates=(1,), image_pooling=False)
         aspp(np.zeros((1, 3, 3, 2), "float32"))
@@ -323,7 +330,6 @@ class TestASPP:
     @pytest.mark.parametrize(
         "kwargs, message",
         [
-            ({"rates": ()}, "rates must hold at least one"),
             ({"rates": (6, 0, 18)}, "each of rates must be a positive integer"),
             ({"dropout": 1.5}, r"dropout must be in \[0, 1\)"),
         ],

@@ -84,7 +84,8 @@ class ASPP(layers.Layer):
 
     Args:
         filters: width of every branch and of the projection (256 in the paper).
-        rates: atrous rates of the 3x3 branches.
+        rates: atrous rates of the 3x3 branches; () for none (TF1's MobileNetV2 model:
+            the 1x1 and image-pooling branches only).
         image_pooling: whether to add the image-level branch.
         dropout: dropout rate after the projection (0 disables it).
         implementation: atrous implementation of the 3x3 branches.
@@ -108,8 +109,6 @@ class ASPP(layers.Layer):
     ):
         check_positive_int("filters", filters)
         rates = tuple(rates)
-        if not rates:
-            raise ValueError("rates must hold at least one atrous rate, got ()")
         for rate in rates:
             check_positive_int("each of rates", rate)
         if not 0.0 <= dropout < 1.0:
