@@ -35,6 +35,7 @@ NUMERICS = (
     "tests/test_export.py::TestTFLite::test_float32_probabilities_and_other_image_sizes",
     "tests/test_export.py::TestTFLite::test_int8_mean_iou_drop",
     "tests/test_export.py::test_crf_in_the_savedmodel",
+    "tests/test_export.py::test_v3plus_decoder_through_tflite_and_keras",
     "tests/test_inference.py::TestOutputStride",
     "tests/test_inference.py::test_logits_after_the_classifier_are_kept",
     "tests/test_inference.py::TestScalesAndFlips",

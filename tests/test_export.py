@@ -39,6 +39,7 @@ from deeplab_tf.export import (
 )
 from deeplab_tf.inference import Predictor
 from deeplab_tf.losses import SoftmaxCrossEntropy
+from tests.helpers import assert_close_relative, calibrate_batch_norm
 from tests.tolerances import (
     EPS32,
     assert_refinements_agree,
@@ -466,3 +467,25 @@ def _saved_model_cli() -> str:
 
 def _quiet_env() -> dict[str, str]:
     return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(ROOT)}
+
+
+def test_v3plus_decoder_through_tflite_and_keras(tmp_path):
+    """The v3+ model (decoder at stride 4) exported: TFLite float32 labels are the Keras
+    network's wherever decided, and the .keras file reloads to the same logits."""
+    keras.utils.set_random_seed(0)
+    model = build_model("deeplabv3plus-resnet10-cpu", 3)
+    images = rng.uniform(0, 255, (2, SIZE, SIZE, 3)).astype("float32")
+    calibrate_batch_norm(model, images=images)  # logits that vary, as a trained net's
+    result = export(Predictor(model), tmp_path, formats=("tflite", "keras"), name="v3plus",
+                    input_size=(SIZE, SIZE), log=lambda line: None, progress=False)  # fmt: skip
+    # resnet10_cpu's 12 layers and the decoder's projection and two 3x3 convolutions.
+    rtol = network_rtol(NETWORK_LAYERS + 3, NETWORK_TERMS)
+    expected = keras_probabilities(model, images)
+    sure = decided(expected, model_probability_atol(model, images, rtol))
+    assert sure.mean() > 0.5
+    tflite = TFLitePredictor(result.path / tflite_file("none"))
+    labels = np.stack([tflite.predict_labels(image) for image in images])
+    np.testing.assert_array_equal(labels[sure], expected.argmax(-1)[sure])
+    reloaded = keras.models.load_model(result.path / KERAS_FILE)
+    logits = np.asarray(model(images, training=False))
+    assert_close_relative(reloaded(images, training=False), logits, rtol)

@@ -26,6 +26,9 @@ from deeplab_tf.recipes import get_recipe
 from tests.tolerances import decided, model_probability_atol, network_rtol, sum_to_one_atol
 
 VARIANT = "deeplabv3-resnet10-cpu"
+# Cityscapes runs the v3+ model: the decoder through the builder, train.py, evaluate.py,
+# export.py and the served signature.
+V3PLUS_VARIANT = "deeplabv3plus-resnet10-cpu"
 # What the test overrides; every other recipe field must be the paper's.
 OVERRIDES = {"steps": 12, "crop_size": 97, "batch_size": 4}
 # VOC JPEGImages sizes (height, width): 500x375 landscape is the most common.
@@ -130,13 +133,15 @@ def _label_counts(paths: list[Path], spec_name: str) -> np.ndarray:
     return counts
 
 
-def _run_user_path(tmp_path: Path, build_args: list[str], builder, recipe_name: str, spec: str):
+def _run_user_path(
+    tmp_path: Path, build_args: list[str], builder, recipe_name: str, spec: str, variant: str
+):
     data, run = tmp_path / "data", tmp_path / "run"
     assert (
         builder.main([*build_args, "--output-dir", str(data), "--no-count-check", "--quiet"]) == 0
     )
     overrides = [f"--{k.replace('_', '-')}={v}" for k, v in OVERRIDES.items()]
-    args = ["--variant", VARIANT, "--data-dir", str(data), "--model-dir", str(run), "--quiet"]
+    args = ["--variant", variant, "--data-dir", str(data), "--model-dir", str(run), "--quiet"]
     assert train_cli.main([*args, *overrides]) == 0
     config = json.loads((run / "config.json").read_text())
     paper = dataclasses.asdict(get_recipe(recipe_name))
@@ -145,7 +150,7 @@ def _run_user_path(tmp_path: Path, build_args: list[str], builder, recipe_name: 
     assert {k: sources[k] for k in OVERRIDES} == {
         k: f"flag --{k.replace('_', '-')}" for k in OVERRIDES
     }
-    assert sources["learning_rate"] == f"recipe {recipe_name} ({VARIANT} on {spec})"
+    assert sources["learning_rate"] == f"recipe {recipe_name} ({variant} on {spec})"
     history = (run / "history.csv").read_text().splitlines()
     assert len(history) == 2  # one validation: the recipe's interval is past --steps
 
@@ -169,9 +174,10 @@ def _check_served(signature, predictor: Predictor, image_file: Path) -> None:
     np.testing.assert_allclose(
         served["probabilities"].numpy()[0, :h, :w].sum(-1), 1, atol=sum_to_one_atol(3)
     )
-    # resnet10_cpu: 10 convolutions, the ASPP's 2 and the classifier in series, sums of
-    # at most 3x3x128 terms.
-    atol = model_probability_atol(predictor.model, image[None], network_rtol(13, 9 * 128))
+    # resnet10_cpu: 10 convolutions, the ASPP's 2 and the classifier in series (and the
+    # decoder's 3), sums of at most 3x3x128 terms.
+    layers = 13 + (3 if predictor.checkpoint.variant.decoder else 0)
+    atol = model_probability_atol(predictor.model, image[None], network_rtol(layers, 9 * 128))
     sure = decided(probabilities, atol)
     assert sure.mean() > 0.5
     np.testing.assert_array_equal(labels[sure], probabilities.argmax(-1)[sure])
@@ -182,7 +188,7 @@ def test_voc_format_end_to_end(tmp_path):
     build = ["--voc-root", str(tree["voc"]), "--sbd-root", str(tree["sbd"])]
     build += ["--splits", "train_aug", "val"]
     scores, signature, predictor = _run_user_path(
-        tmp_path, build, build_voc2012, "v3-voc-trainaug", "pascal_voc_2012"
+        tmp_path, build, build_voc2012, "v3-voc-trainaug", "pascal_voc_2012", VARIANT
     )
     manifest = json.loads((tmp_path / "data" / "manifest.json").read_text())["splits"]
     # train_aug = VOC train + SBD train/val - VOC val (v2 section 4.1): 8 + 10 + 4.
@@ -204,8 +210,9 @@ def test_cityscapes_format_end_to_end(tmp_path):
     _write_cityscapes_tree(tmp_path / "cityscapes", np.random.default_rng(1))
     build = ["--cityscapes-root", str(tmp_path / "cityscapes"), "--splits", "train", "val"]
     scores, signature, predictor = _run_user_path(
-        tmp_path, build, build_cityscapes, "v3-cityscapes", "cityscapes"
+        tmp_path, build, build_cityscapes, "v3-cityscapes", "cityscapes", V3PLUS_VARIANT
     )
+    assert predictor.checkpoint.variant.decoder  # the v3+ model was served
     labels = sorted((tmp_path / "cityscapes" / "gtFine" / "val").glob("*/*_labelIds.png"))
     truth = _label_counts(labels, "cityscapes")
     assert truth[[0, 11, 13]].all() and truth.sum() == truth[[0, 11, 13]].sum()
