@@ -56,7 +56,8 @@ class Variant:
         separable: the ASPP's and the decoder's 3x3 convolutions as atrous separable
             convolutions (v3+ sections 3.1-3.2, its Xception model).
         paper: where the configuration comes from.
-        reference_miou: (setting, VOC 2012 val mIoU) pairs reported by the paper.
+        reference_miou: (setting, mIoU) pairs reported by the paper (or its code's model
+            zoo): on PASCAL VOC 2012 val unless the setting names Cityscapes val.
     """
 
     name: str
@@ -255,13 +256,16 @@ VARIANTS: dict[str, Variant] = make_registry(
         _DEEPLABV3PLUS,
         "deeplabv3plus-xception65",
         "DeepLabv3+, sections 3.1-3.2 (aligned Xception-65, atrous separable ASPP and "
-        "decoder); TF1 model zoo xception_coco_voc_trainaug",
+        "decoder); TF1 model zoo xception_coco_voc_trainaug, xception_cityscapes_trainfine",
         backbone="xception65",
         multi_grid=(1, 1, 1),
         separable=True,
         reference_miou=(
             ("OS16, COCO + VOC train_aug (TF1 zoo)", 82.20),
             ("OS8 eval, MS + flip (TF1 zoo)", 83.58),
+            # ImageNet-pretrained, Cityscapes train fine; MS scales 0.75, 1.0, 1.25.
+            ("Cityscapes val, OS16 (TF1 zoo)", 78.79),
+            ("Cityscapes val, OS8 eval, MS 0.75-1.25 + flip (TF1 zoo)", 80.42),
         ),
     ),
     # As the TF1 model zoo builds DeepLab on MobileNetV2 (g3doc/model_zoo.md,
@@ -273,11 +277,14 @@ VARIANTS: dict[str, Variant] = make_registry(
         name="deeplabv3plus-mobilenetv2",
         backbone="mobilenetv2",
         aspp_rates=(),
-        paper="DeepLabv3+ release, TF1 model zoo mobilenetv2_coco_voc_trainaug (MobileNetV2, "
-        "image pooling + 1x1, no atrous branches, no decoder)",
+        paper="DeepLabv3+ release, TF1 model zoo mobilenetv2_coco_voc_trainaug and "
+        "mobilenetv2_coco_cityscapes_trainfine (MobileNetV2, image pooling + 1x1, no atrous "
+        "branches, no decoder)",
         reference_miou=(
             ("OS16, COCO + VOC train_aug (TF1 zoo)", 75.32),
             ("OS8 eval, MS + flip (TF1 zoo)", 77.33),
+            ("Cityscapes val, OS16, COCO-pretrained (TF1 zoo)", 70.71),
+            ("Cityscapes val, OS8 eval, MS 0.75-1.25 + flip (TF1 zoo)", 73.57),
         ),
     ),
     # The quickstart model with the decoder (the paper's claim on the shapes data: the

@@ -39,9 +39,20 @@ from deeplab_tf.training.strategies import create_strategy, is_chief
 def train(config: TrainConfig) -> dict[str, Any]:
     """Runs ``config``; returns the final validation scores (also in results.json).
 
+    ``mixed_precision`` sets Keras's global dtype policy for the run and restores the
+    caller's afterwards, so models built later in the same process stay float32.
+
     Raises:
         TrainingError: a bad setting or input (one line, naming the flag or file).
     """
+    caller_policy = keras.mixed_precision.global_policy()
+    try:
+        return _train(config)
+    finally:
+        keras.mixed_precision.set_global_policy(caller_policy)
+
+
+def _train(config: TrainConfig) -> dict[str, Any]:
     model_dir = Path(config.model_dir)
     finished = (model_dir / "results.json").exists() and not (model_dir / "backup").exists()
     if finished and not config.overwrite:
