@@ -1,5 +1,6 @@
 """The DeepLabv3+ decoder (v3+ section 3.1): against numpy, its stride-4 grid against the
-encoder's on every backbone, and the v3+ models at odd sizes and every output stride."""
+encoder's on every backbone, the v3+ models at odd sizes and every output stride, and
+in the Predictor (output stride change, scales and flips)."""
 
 import numpy as np
 import pytest
@@ -7,10 +8,16 @@ import pytest
 from deeplab_tf import build_model, get_variant
 from deeplab_tf.backbones import build_backbone
 from deeplab_tf.backbones.features import feature_extractor, low_level_feature_name
+from deeplab_tf.inference import Predictor, model_at_output_stride
 from deeplab_tf.layers import Decoder
 from deeplab_tf.variants import Variant
-from tests.helpers import assert_close_relative, numpy_atrous_conv2d, run_layer_checks
-from tests.tolerances import network_rtol
+from tests.helpers import (
+    assert_close_relative,
+    calibrate_batch_norm,
+    numpy_atrous_conv2d,
+    run_layer_checks,
+)
+from tests.tolerances import model_probability_atol, network_rtol
 
 rng = np.random.default_rng(0)
 
@@ -133,3 +140,28 @@ def test_v3plus_mobilenetv2_is_the_tf1_zoos():
     aspp = model.get_layer("aspp")
     assert [b.name for b in aspp.branches] == ["branch_1x1", "image_pooling"]
     assert model(np.zeros((1, 513, 513, 3), "float32")).shape == (1, 33, 33, 21)
+
+
+def test_v3plus_changes_output_stride_and_flips_in_the_predictor():
+    """Trained at OS16, evaluated at OS8 with the same weights (v3+ section 4 follows
+    v3's protocol): the encoder's rates change, the decoder's grid stays at stride 4;
+    multi-scale inputs with flips are mirror-equivariant."""
+    model = build_model("deeplabv3plus-resnet10-cpu", 3, output_stride=16)
+    calibrate_batch_norm(model, images=rng.uniform(0, 255, (2, 45, 61, 3)).astype("float32"))
+    image = rng.integers(0, 256, (45, 61, 3), dtype=np.uint8)
+    rebuilt = model_at_output_stride(model, 8, upsample_logits=False)
+    assert rebuilt.get_layer("aspp").rates == tuple(2 * r for r in model.get_layer("aspp").rates)
+    assert rebuilt(image[None].astype("float32")).shape == (1, 12, 16, 3)  # stride 4
+    for a, b in zip(rebuilt.get_weights(), model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    os16, os8 = Predictor(model).predict(image), Predictor(model, output_stride=8).predict(image)
+    assert os16.shape == os8.shape == (45, 61, 3)
+    assert np.abs(os16 - os8).max() > 1e-3  # denser encoder features, other values
+
+    predictor = Predictor(model, scales=(0.5, 1.0, 1.75), flip=True)
+    p = predictor.predict(image)
+    # Equal up to the network's float32 bound: a resized mirror is not bit-for-bit the
+    # mirror of the resized image, and convolutions sum mirrored windows in another
+    # order. resnet10_cpu's 12 layers and the decoder's two, sums of 9 x 128 terms.
+    atol = model_probability_atol(model, image[None], network_rtol(14, 9 * 128))
+    np.testing.assert_allclose(predictor.predict(image[:, ::-1])[:, ::-1], p, atol=atol)

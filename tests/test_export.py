@@ -64,13 +64,17 @@ def shapes(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def model(shapes) -> keras.Model:
-    """The quickstart's small ResNet (at output stride 16) after STEPS training steps on
-    shapes: of the variants, the fastest to train here. A random network would not do:
+    """The quickstart's small ResNet with the v3+ decoder (encoder at output stride 16)
+    after STEPS training steps on shapes: of the variants, the fastest to train here, and
+    the decoder goes through every export format and quantisation. A random network would not do:
     with its batch norm calibrated on one batch, its float16 TFLite file changes 2 to 3%
     of its labels (the quickstart model's, 0.02%)."""
     keras.utils.set_random_seed(0)
     model = build_model(
-        get_variant("deeplabv3-resnet10-cpu"), SPEC.num_classes, output_stride=16, bn_momentum=0.9
+        get_variant("deeplabv3plus-resnet10-cpu"),
+        SPEC.num_classes,
+        output_stride=16,
+        bn_momentum=0.9,
     )
     weights = [0.3] + [1.0] * (SPEC.num_classes - 1)  # background covers most pixels
     model.compile(keras.optimizers.Adam(3e-3), SoftmaxCrossEntropy(class_weights=weights))
@@ -114,9 +118,12 @@ def keras_probabilities(model: keras.Model, images: np.ndarray) -> np.ndarray:
 
 
 # The exported network in float32 layers in series: resnet10_cpu's stem and eight
-# basic-block convolutions, the ASPP's branch and projection and the classifier (12);
-# its longest sum is a 3x3 convolution over 128 channels (1152 terms).
-NETWORK_LAYERS, NETWORK_TERMS = 12, 9 * 128
+# basic-block convolutions, the ASPP's branch and projection and the classifier (the v3
+# model's 12), and the decoder's two 3x3 convolutions before that classifier (14; the
+# decoder's low-level projection runs beside the ASPP); its longest sum is a 3x3
+# convolution over 128 channels (1152 terms).
+V3_LAYERS = 12
+NETWORK_LAYERS, NETWORK_TERMS = V3_LAYERS + 2, 9 * 128
 
 
 def float32_atol(model: keras.Model, images: np.ndarray) -> float:
@@ -469,17 +476,17 @@ def _quiet_env() -> dict[str, str]:
     return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(ROOT)}
 
 
-def test_v3plus_decoder_through_tflite_and_keras(tmp_path):
-    """The v3+ model (decoder at stride 4) exported: TFLite float32 labels are the Keras
-    network's wherever decided, and the .keras file reloads to the same logits."""
+def test_v3_model_through_tflite_and_keras(tmp_path):
+    """The v3 model (no decoder; the shared model above has one) exported: TFLite
+    float32 labels are the Keras network's wherever decided, and the .keras file
+    reloads to the same logits."""
     keras.utils.set_random_seed(0)
-    model = build_model("deeplabv3plus-resnet10-cpu", 3)
+    model = build_model("deeplabv3-resnet10-cpu", 3)
     images = rng.uniform(0, 255, (2, SIZE, SIZE, 3)).astype("float32")
     calibrate_batch_norm(model, images=images)  # logits that vary, as a trained net's
-    result = export(Predictor(model), tmp_path, formats=("tflite", "keras"), name="v3plus",
+    result = export(Predictor(model), tmp_path, formats=("tflite", "keras"), name="v3",
                     input_size=(SIZE, SIZE), log=lambda line: None, progress=False)  # fmt: skip
-    # resnet10_cpu's 12 layers and the decoder's projection and two 3x3 convolutions.
-    rtol = network_rtol(NETWORK_LAYERS + 3, NETWORK_TERMS)
+    rtol = network_rtol(V3_LAYERS, NETWORK_TERMS)
     expected = keras_probabilities(model, images)
     sure = decided(expected, model_probability_atol(model, images, rtol))
     assert sure.mean() > 0.5
