@@ -9,7 +9,8 @@ scores the Keras network and each TFLite file on the whole --split (mean IoU at 
 label resolution, ``deeplab_tf.evaluation``), and prints one JSON line per format: file
 size, mean IoU and its drop against the Keras network in points, the share of pixels
 whose label equals the Keras network's, and the median milliseconds per image (one
-thread for TFLite, the default threads for Keras and the SavedModel).
+thread for TFLite, the default threads for Keras and the SavedModel). ``keras-bfloat16``
+is the network as ``--precision bfloat16`` runs it.
 """
 
 from __future__ import annotations
@@ -74,6 +75,11 @@ def main(argv: list[str] | None = None) -> int:
         # name: (labels of an image, bytes on disk)
         runners = {
             "keras": (predictor.predict_labels, formats["keras"]["bytes"]),
+            # predict.py --precision bfloat16 (float32 where the CPU lacks it: see "ran")
+            "keras-bfloat16": (
+                predictor.in_precision("bfloat16").predict_labels,
+                formats["keras"]["bytes"],
+            ),
             "savedmodel": (run_savedmodel, formats["savedmodel"]["bytes"]),
         }
         for mode, entry in formats["tflite"]["files"].items():

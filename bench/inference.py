@@ -2,6 +2,13 @@
 
     python bench/inference.py                       # every variant, OS16 and OS8, jit off/on
     python bench/inference.py --variants deeplabv3 --repeats 1 --jit off   # quick look
+    python bench/inference.py --variants deeplabv3 --forms keras,folded,bfloat16 --jit off
+
+Each variant runs in the ``--forms`` asked for: ``keras``, the model as built (Keras's
+batch norm); ``folded``, the copy the Predictor runs (batch norm folded into the
+convolutions, ``deeplab_tf.folding``); ``bfloat16``, that copy computing in bfloat16
+(``--precision bfloat16``). ``speedup_vs_keras`` is each form's rate over the
+``keras`` form's in the same run (when both are asked for).
 
 Prints one JSON line per (model, output stride, jit_compile): the median seconds of
 ``--repeats`` forward passes of a [batch, size, size, 3] input after a warm-up
@@ -29,6 +36,9 @@ import tensorflow as tf
 from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
 from deeplab_tf import VARIANTS, build_model
+from deeplab_tf.folding import fold_batch_norm
+
+FORMS = ("keras", "folded", "bfloat16")
 
 NUM_CLASSES = 21  # PASCAL VOC
 
@@ -62,7 +72,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=513)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--forms", default="keras", help=f"comma-separated of {FORMS}")
     args = parser.parse_args(argv)
+    forms = args.forms.split(",")
+    if not set(forms) <= set(FORMS):
+        print(f"error: --forms takes {FORMS}, got {args.forms!r}", file=sys.stderr)
+        return 2
     names = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
@@ -77,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     x = tf.random.uniform([args.batch, args.size, args.size, 3], 0, 255)
 
-    def report(name, stride, model, flops, reference_rate):
+    def report(name, stride, model, flops, reference_rate, form="keras", keras_rates=None):
         rates = {}
         for jit in jits:
             seconds = median_seconds(model, x, jit, args.repeats)
@@ -86,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             rates[jit] = gflop_per_s
             line = {
                 "model": name,
+                "form": form,
                 "output_stride": stride,
                 "jit_compile": jit,
                 "size": args.size,
@@ -97,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
                 "gflop_per_s": round(gflop_per_s, 1),
                 "relative_to_resnet101": (
                     round(gflop_per_s / reference_rate[jit], 3) if reference_rate else None
+                ),
+                "speedup_vs_keras": (
+                    round(gflop_per_s / keras_rates[jit], 3) if keras_rates else None
                 ),
                 **machine,
             }
@@ -113,7 +132,15 @@ def main(argv: list[str] | None = None) -> int:
         for stride in strides:
             keras.backend.clear_session()
             model = build_model(name, NUM_CLASSES, output_stride=stride)
-            report(name, stride, model, graph_flops(model, args.batch, args.size), reference_rate)
+            flops = graph_flops(model, args.batch, args.size)
+            keras_rates = None
+            for form in forms:
+                network = model if form == "keras" else fold_batch_norm(
+                    model, "bfloat16" if form == "bfloat16" else "float32"
+                )  # fmt: skip
+                rates = report(name, stride, network, flops, reference_rate, form, keras_rates)
+                if form == "keras":
+                    keras_rates = rates
     return 0
 
 

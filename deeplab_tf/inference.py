@@ -19,6 +19,11 @@ and turns an RGB image of any size into probabilities:
   with the same content (not with more context). ``tiling="whole"`` runs the whole
   image at once.
 
+**speed**: the network runs as a copy with its batch norms folded into the convolutions
+before them (``folding.fold_batch_norm``; equal up to float32 rounding), in float32 or,
+with ``precision="bfloat16"`` on a CPU that computes it, in bfloat16 (``precision``);
+the logits are cast to float32 before the resize and the softmax.
+
 Memory: tiles are processed one row of tiles at a time and only one band of
 ``tile_size`` rows of probabilities is held, so :meth:`Predictor.predict_labels` on a
 4000x6000 photo needs the image, the label map and one band (plus the model's
@@ -31,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import zipfile
@@ -43,11 +49,15 @@ import numpy as np
 import tensorflow as tf
 
 from deeplab_tf.backbones import transfer_weights
+from deeplab_tf.folding import fold_batch_norm
 from deeplab_tf.layers import ResizeBilinear, resize_bilinear_aligned
 from deeplab_tf.losses import resize_logits_bilinear
 from deeplab_tf.model import build_model
 from deeplab_tf.multiscale import scaled_size, single_scale_model
+from deeplab_tf.precision import resolve_precision
 from deeplab_tf.variants import VARIANTS, Variant, get_variant
+
+logger = logging.getLogger("deeplab_tf.inference")
 
 FUSIONS = ("mean", "max")
 TILINGS = ("sliding", "whole")
@@ -272,6 +282,13 @@ class Predictor:
         tile_size: window size (int or (h, w)); images up to it are processed whole.
         tile_overlap: overlap of neighbouring windows, a fraction of the window in [0, 1).
         jit_compile: XLA-compile the model (one compilation per input shape).
+        precision: ``"float32"`` or ``"bfloat16"`` (``precision.PRECISIONS``); where
+            bfloat16 is not available, float32, and the log says why in one line.
+
+    Attributes:
+        model: the network as given (at ``output_stride``, ending at its logits).
+        precision: the precision it runs in.
+        precision_note: None, or the one line saying why it is not the one asked for.
 
     Example:
         >>> predictor = Predictor("runs/v3", output_stride=8, scales=V3_EVAL_SCALES, flip=True)
@@ -292,6 +309,7 @@ class Predictor:
         tile_size: int | tuple[int, int] = DEFAULT_TILE_SIZE,
         tile_overlap: float = DEFAULT_TILE_OVERLAP,
         jit_compile: bool = False,
+        precision: str = "float32",
     ):
         scales = tuple(float(s) for s in scales)
         if not scales or any(not (s > 0 and math.isfinite(s)) for s in scales):
@@ -305,6 +323,12 @@ class Predictor:
             raise InferenceError(f"tile_size must be a positive size, got {tile_size!r}")
         if not 0.0 <= tile_overlap < 1.0:
             raise InferenceError(f"tile_overlap must be in [0, 1), got {tile_overlap}")
+        try:
+            self.precision, self.precision_note = resolve_precision(precision)
+        except ValueError as error:
+            raise InferenceError(str(error)) from None
+        if self.precision_note:
+            logger.warning(self.precision_note)
 
         self.checkpoint: CheckpointInfo | None = None
         if not isinstance(model, keras.Model):
@@ -325,13 +349,17 @@ class Predictor:
         self.tile_size: tuple[int, int] = (int(tile[0]), int(tile[1]))
         self.tile_overlap = float(tile_overlap)
         self.jit_compile = bool(jit_compile)
+        try:
+            network = fold_batch_norm(self.model, self.precision)
+        except ValueError as error:
+            raise InferenceError(str(error)) from None
         # Only the model is XLA-compiled: XLA's CPU bilinear resize with aligned corners
         # is wrong for some size ratios (3 units off for 4 -> 61 pixels; TensorFlow
         # issue 118344), so the resizes around the model stay plain TensorFlow ops.
-        self._forward = (
-            tf.function(lambda x: self.model(x, training=False), jit_compile=True)
+        self._network = (
+            tf.function(lambda x: network(x, training=False), jit_compile=True)
             if self.jit_compile
-            else (lambda x: self.model(x, training=False))
+            else (lambda x: network(x, training=False))
         )
         # One trace for every tile size (XLA, if asked, still compiles per shape).
         self._tile_fn = tf.function(
@@ -349,7 +377,27 @@ class Predictor:
             "tiling": self.tiling,
             "tile_size": list(self.tile_size),
             "tile_overlap": self.tile_overlap,
+            "precision": self.precision,
         }
+
+    def in_precision(self, precision: str) -> Predictor:
+        """The same network and settings computing in ``precision`` (``self`` when it
+        already does)."""
+        if precision == self.precision:
+            return self
+        other = Predictor(
+            self.model,
+            scales=self.scales,
+            flip=self.flip,
+            fusion=self.fusion,
+            tiling=self.tiling,
+            tile_size=self.tile_size,
+            tile_overlap=self.tile_overlap,
+            jit_compile=self.jit_compile,
+            precision=precision,
+        )
+        other.checkpoint, other.output_stride = self.checkpoint, self.output_stride
+        return other
 
     def identity(self) -> dict[str, Any] | None:
         """What this predictor's outputs depend on, JSON-ready: the checkpoint file
@@ -385,7 +433,7 @@ class Predictor:
             )
             if self.flip:  # one batch of 2N: the images, then their mirrors
                 x = tf.concat([x, tf.reverse(x, axis=[2])], axis=0)
-            logits = resize_logits_bilinear(self._forward(x), size)
+            logits = resize_logits_bilinear(tf.cast(self._network(x), tf.float32), size)
             views = (
                 [logits[:count], tf.reverse(logits[count:], axis=[2])] if self.flip else [logits]
             )

@@ -496,3 +496,35 @@ def test_v3_model_through_tflite_and_keras(tmp_path):
     reloaded = keras.models.load_model(result.path / KERAS_FILE)
     logits = np.asarray(model(images, training=False))
     assert_close_relative(reloaded(images, training=False), logits, rtol)
+
+
+def test_bfloat16_predictor_and_savedmodel_agree_with_float32(
+    model, val_images, tmp_path, monkeypatch
+):
+    """--precision bfloat16 (batch norms folded, convolutions in bfloat16, the logits
+    cast to float32 before the resize and softmax): labels equal float32's wherever
+    float32's top-2 margin exceeds what bfloat16 can move; the SavedModel computes it.
+    Run in bfloat16 on any CPU (emulated where it has no bfloat16 instructions: slower,
+    the same arithmetic)."""
+    monkeypatch.setattr("deeplab_tf.precision.bfloat16_unavailable", lambda: None)
+    expected = keras_probabilities(model, val_images)
+    predictor = Predictor(model, precision="bfloat16")
+    assert predictor.precision == "bfloat16" and predictor.precision_note is None
+    probabilities = np.stack([predictor.predict(image) for image in val_images])
+    # bfloat16 keeps 8 significant bits: each layer's inputs and weights are rounded by
+    # up to 2^-9 relative, independently, so each of the 14 layers in series moves the
+    # logits by about 2 * 2^-9 of their size and the network by sqrt(14) times that;
+    # three standard deviations of the largest logit.
+    logits = np.asarray(model(val_images.astype(np.float32), training=False))
+    atol = probability_atol(3 * np.sqrt(NETWORK_LAYERS) * 2 * 2.0**-9 * np.abs(logits).max())
+    sure = decided(expected, atol)
+    assert sure.mean() > 0.5, sure.mean()
+    np.testing.assert_array_equal(probabilities.argmax(-1)[sure], expected.argmax(-1)[sure])
+    assert np.abs(probabilities - expected).max() > 1e-3  # it did compute in bfloat16
+
+    result = export(predictor, tmp_path, name="bf16", log=lambda line: None, progress=False)
+    assert result.manifest["inference"]["precision"] == "bfloat16"
+    served = tf.saved_model.load(str(result.path)).signatures["serving_default"]
+    outputs = served(images=tf.constant(val_images[:2].astype(np.uint8)))
+    assert outputs["probabilities"].dtype == tf.float32
+    np.testing.assert_allclose(outputs["probabilities"].numpy(), probabilities[:2], atol=1e-5)

@@ -127,3 +127,26 @@ def test_no_dataset_gives_numbered_classes_and_voc_colours(model_dir, inputs, tm
     assert summary["class_names"] == [f"class {i}" for i in range(6)]
     with Image.open(out / "c_overlay.jpg") as overlay:
         assert overlay.size == (35, 50)  # no legend beside it with --legend file
+
+
+@pytest.mark.parametrize("available", [True, False])
+def test_precision_flag(model_dir, inputs, tmp_path, capsys, caplog, monkeypatch, available):
+    """--precision bfloat16 runs the network in bfloat16 where the CPU computes it;
+    elsewhere float32, with one log line saying why (the summary says which ran)."""
+    reason = None if available else "this CPU has no bfloat16 instructions"
+    monkeypatch.setattr("deeplab_tf.precision.bfloat16_unavailable", lambda: reason)
+    out = tmp_path / "out"
+    code, _, err = _run(capsys, inputs["other"] / "c.jpg", "--checkpoint", model_dir,
+                        "--output-dir", out, "--precision", "bfloat16")  # fmt: skip
+    assert code == 0, err
+    ran = "bfloat16" if available else "float32"
+    assert json.loads((out / "summary.json").read_text())["inference"]["precision"] == ran
+    notes = [r.getMessage() for r in caplog.records if r.name == "deeplab_tf.inference"]
+    assert notes == ([] if available else [
+        f"bfloat16 inference is not available: {reason}; running float32"
+    ])  # fmt: skip
+    image = np.asarray(Image.open(inputs["other"] / "c.jpg").convert("RGB"))
+    with Image.open(out / "c.png") as mask:
+        labels = np.asarray(mask)
+    expected = Predictor(model_dir, precision="bfloat16").predict_labels(image)
+    np.testing.assert_array_equal(labels, expected)

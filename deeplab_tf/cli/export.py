@@ -11,6 +11,8 @@ the highest) with the SavedModel (signatures serving_default, predict_encoded,
 predict_example, classes), model_{float32,float16,int8}.tflite at --input-size (default:
 the training crop size), model.keras and export.json, into a temporary directory
 renamed when complete. An existing version is replaced only with --overwrite.
+--precision bfloat16 makes the SavedModel compute in bfloat16 (TFLite files and
+model.keras stay float32; --quantize has float16 and int8).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="PARAMS_JSON",
         help="add the dense CRF (TensorFlow backend) to the SavedModel, with these parameters",
     )
+    common.add_precision_argument(parser=p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing version")
     p.add_argument("--quiet", action="store_true", help="no progress (only the summary)")
     p.add_argument(
@@ -82,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         evaluate_split=args.evaluate_split,
         crf=export.load_crf(args.crf or None) if args.crf is not None else None,
         max_image_size=args.max_image_size,
+        precision=args.precision,
         overwrite=args.overwrite,
         log=(lambda line: None) if args.quiet else print,
         progress=not args.quiet,

@@ -182,7 +182,8 @@ def export(
             manifest["evaluation"] = {"split": evaluate_split, "keras_mean_iou": scores["keras"]}
         if "tflite" in formats:
             fixed = tmp / ".tflite-savedmodel"
-            save_fixed_size_model(predictor, fixed, input_size)
+            # TFLite's kernels take float32 graphs (float16 and int8 come from --quantize).
+            save_fixed_size_model(predictor.in_precision("float32"), fixed, input_size)
             entries = manifest["formats"]["tflite"] = {
                 "input_size": list(input_size),
                 "input": "images float32 [1, H, W, 3], RGB in [0, 255]",
@@ -241,6 +242,7 @@ def export_checkpoint(
     input_size: tuple[int, int] | None = None,
     calibration_images: int = 100,
     max_image_size: int = DEFAULT_MAX_IMAGE_SIZE,
+    precision: str = "float32",
     overwrite: bool = False,
     **options: Any,
 ) -> Export:
@@ -248,8 +250,8 @@ def export_checkpoint(
     in errors as ``flag``), as export.py runs it. What is not given comes from the run's
     config.json: the variant, the data directory, the classes (``dataset``: a spec name
     or file) and the TFLite input size (the training crop). A version that exists
-    without ``overwrite`` is refused before the model loads. ``options``: ``export``'s
-    other keyword arguments."""
+    without ``overwrite`` is refused before the model loads. ``precision``: the
+    SavedModel's (``Predictor``'s). ``options``: ``export``'s other keyword arguments."""
     _check_counts(calibration_images, max_image_size)  # before loading anything
     checkpoint = read_checkpoint_info(source, flag)
     if input_size is None and "tflite" in parse_formats(formats) and checkpoint.crop_size:
@@ -258,7 +260,9 @@ def export_checkpoint(
     name = name or getattr(variant, "name", variant)  # a Variant or a name
     if name:  # fail before loading the model
         resolve_version_dir(export_dir, name, version, overwrite)
-    predictor = Predictor(checkpoint.path, variant=variant, output_stride=output_stride)
+    predictor = Predictor(
+        checkpoint.path, variant=variant, output_stride=output_stride, precision=precision
+    )
     return export(
         predictor,
         export_dir,

@@ -20,14 +20,39 @@ NORMALIZATION_MODES = ("caffe", "tf")
 NORMALIZATION_MEANS = {"caffe": IMAGENET_MEAN_RGB, "tf": (127.5, 127.5, 127.5)}
 
 
+@register
+class FoldableBatchNormalization(layers.BatchNormalization):
+    """Keras's batch norm, which ``deeplab_tf.folding.fold_batch_norm`` can fold into the
+    convolution before it.
+
+    Folded (``folded=True``), the layer only adds ``beta`` per channel (a ``BiasAdd``,
+    which oneDNN fuses with the convolution and a ReLU after it): the convolution's
+    kernel then carries gamma / sqrt(variance + epsilon) and ``beta`` the rest of the
+    affine map. A folded layer is for inference: it normalises nothing, in training
+    mode neither.
+    """
+
+    def __init__(self, *args, folded: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.folded = folded
+
+    def call(self, inputs, training=None, mask=None):
+        if self.folded:
+            return tf.nn.bias_add(inputs, ops.cast(self.beta, inputs.dtype))
+        return super().call(inputs, training=training, mask=mask)
+
+    def get_config(self):
+        return {**super().get_config(), "folded": self.folded}
+
+
 def batch_norm(
     name: str | None = None,
     momentum: float = 0.9997,
     epsilon: float = 1e-5,
     synchronized: bool = False,
-) -> layers.BatchNormalization:
+) -> FoldableBatchNormalization:
     """The batch norm of the DeepLab v3 heads (decay 0.9997, v3 paper section 4.1)."""
-    return layers.BatchNormalization(
+    return FoldableBatchNormalization(
         momentum=momentum, epsilon=epsilon, synchronized=synchronized, name=name
     )
 

@@ -1,0 +1,198 @@
+"""Batch norm folded into convolutions for inference (``deeplab_tf.folding``) and the
+inference precision (``deeplab_tf.precision``): the folded copy against the model as
+trained, the fold against numpy, what must not be folded, bfloat16 and its fallback."""
+
+import logging
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from deeplab_tf import build_model
+from deeplab_tf.folding import count_batch_norms, fold_batch_norm
+from deeplab_tf.inference import InferenceError, Predictor
+from deeplab_tf.layers import AtrousSeparableConv2D, ConvBNReLU, FoldableBatchNormalization
+from deeplab_tf.precision import cpu_flags, resolve_precision
+from tests.helpers import assert_close_relative, calibrate_batch_norm
+from tests.tolerances import network_rtol
+
+rng = np.random.default_rng(3)
+
+
+def _batch_norm_weights(model: keras.Model) -> list[np.ndarray]:
+    return [
+        w.numpy()
+        for layer in model._flatten_layers(include_self=False, recursive=True)
+        if isinstance(layer, keras.layers.BatchNormalization)
+        for w in layer.weights
+    ]
+
+
+@pytest.mark.parametrize("folded", [False, True])
+def test_foldable_batch_norm_round_trip(tmp_path, folded):
+    """Keras's batch norm with one more argument, ``folded``: its config round trip and
+    .keras file (Keras's own arguments pass through as keywords, so the shared
+    harness's check of named ``__init__`` arguments does not apply)."""
+    layer = FoldableBatchNormalization(epsilon=1e-3, folded=folded, name="bn")
+    config = layer.get_config()
+    assert config["folded"] is folded and config["epsilon"] == 1e-3
+    assert FoldableBatchNormalization.from_config(config).get_config() == config
+    inputs = keras.Input((None, None, 4))
+    model = keras.Model(inputs, layer(inputs))
+    x = rng.normal(size=(2, 5, 6, 4)).astype("float32")
+    calibrate_batch_norm(model, images=x)
+    path = tmp_path / "bn.keras"
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert type(loaded.get_layer("bn")) is FoldableBatchNormalization
+    np.testing.assert_array_equal(loaded(x, training=False), model(x, training=False))
+    bn = model.get_layer("bn")
+    expected = x + bn.beta.numpy() if folded else bn(x, training=False)
+    np.testing.assert_allclose(model(x, training=False), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "variant, layers, terms",
+    [
+        # resnet10_cpu's 12 convolutions in series, the ASPP's branch and projection, the
+        # classifier; sums of 3x3x128 terms. Convolutions without bias.
+        ("deeplabv3-resnet10-cpu", 12, 9 * 128),
+        # and the decoder's two 3x3 convolutions.
+        ("deeplabv3plus-resnet10-cpu", 14, 9 * 128),
+    ],
+)
+def test_folded_copy_equals_the_model(variant, layers, terms):
+    """Every batch norm of the model is folded and the logits are the model's up to
+    float32 rounding: the scaled kernels and the offsets reorder each layer's sums.
+    (Shallow models only: random deep ones with calibrated batch norm amplify rounding,
+    ResNet-50's relative difference doubling each stage from 5e-7 to 3e-4, so the bound
+    of independent per-layer errors does not hold for them; the folds of their layers,
+    convolutions with a bias and depthwise ones, are checked against numpy below.)"""
+    images = rng.uniform(0, 255, (2, 61, 47, 3)).astype("float32")
+    # Statistics of these images: logits that vary over the image, as a trained net's.
+    model = calibrate_batch_norm(build_model(variant, 5, upsample_logits=False), images=images)
+    before = [w.copy() for w in model.get_weights()]
+    folded = fold_batch_norm(model)
+    total = len(_batch_norm_weights(model)) // 4
+    assert count_batch_norms(folded) == {"folded": total} and total > 10
+    expected = model(images, training=False)
+    assert_close_relative(folded(images, training=False), expected, network_rtol(layers, terms))
+    assert folded.name == model.name
+    for a, b in zip(model.get_weights(), before, strict=True):  # the model is untouched
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("variant", ["deeplabv3-mobilenetv2-cpu", "deeplabv3plus-xception65"])
+def test_every_batch_norm_of_the_backbones_is_folded(variant):
+    """MobileNetV2 (depthwise convolutions and batch norms in a functional graph) and
+    aligned Xception (atrous separable convolutions in one): nothing left to normalise."""
+    model = build_model(variant, 5, upsample_logits=False)
+    total = len(_batch_norm_weights(model)) // 4
+    assert count_batch_norms(fold_batch_norm(model)) == {"folded": total}
+
+
+def test_fold_against_numpy_and_what_stays():
+    """The folded kernel is kernel * gamma / sqrt(var + eps) per output channel (a
+    depthwise kernel's channel c * multiplier + m), the offset beta + (bias - mean)
+    * that scale; a batch norm after a convolution whose output something else reads
+    too, or after an activation, is left to normalise."""
+    inputs = keras.Input((None, None, 3))
+    a = keras.layers.Conv2D(4, 3, padding="same", name="a")(inputs)  # with a bias
+    a = keras.layers.BatchNormalization(epsilon=1e-3, name="a_bn")(a)
+    b = keras.layers.DepthwiseConv2D(3, depth_multiplier=2, padding="same", use_bias=False,
+                                     name="b")(a)  # fmt: skip
+    b = keras.layers.BatchNormalization(name="b_bn")(b)
+    shared = keras.layers.Conv2D(8, 1, use_bias=False, name="shared")(b)
+    kept = keras.layers.BatchNormalization(name="kept_bn")(shared)  # shared is read twice
+    c = keras.layers.Conv2D(8, 1, activation="relu", name="c")(b)
+    after_relu = keras.layers.BatchNormalization(name="after_relu_bn")(c)
+    x = keras.layers.Add()([kept, shared, after_relu])
+    x = ConvBNReLU(6, 3, rate=2, name="unit")(x)
+    outputs = AtrousSeparableConv2D(5, rate=2, name="separable")(x)
+    model = calibrate_batch_norm(keras.Model(inputs, outputs), size=24)
+    folded = fold_batch_norm(model)
+
+    assert count_batch_norms(folded) == {"folded": 5, "normalising": 2}
+    assert not folded.get_layer("kept_bn").folded and not folded.get_layer("after_relu_bn").folded
+    assert folded.get_layer("a").bias is None  # moved into a_bn's offset
+
+    def scale(bn):
+        return bn.gamma.numpy() / np.sqrt(bn.moving_variance.numpy() + bn.epsilon)
+
+    a_bn, b_bn = model.get_layer("a_bn"), model.get_layer("b_bn")
+    np.testing.assert_allclose(
+        folded.get_layer("a").kernel.numpy(),
+        model.get_layer("a").kernel.numpy() * scale(a_bn),
+        rtol=1e-6,  # one float64 product rounded to float32
+    )
+    offset = a_bn.beta.numpy() + (model.get_layer("a").bias.numpy() - a_bn.moving_mean) * scale(
+        a_bn
+    )
+    np.testing.assert_allclose(folded.get_layer("a_bn").beta.numpy(), offset, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(
+        folded.get_layer("b").kernel.numpy(),
+        model.get_layer("b").kernel.numpy() * scale(b_bn).reshape(4, 2),
+        rtol=1e-6,
+    )
+    unit, separable = folded.get_layer("unit"), folded.get_layer("separable")
+    assert unit.bn.folded and separable.depthwise_bn.folded and separable.pointwise_bn.folded
+    np.testing.assert_allclose(
+        separable.depthwise_kernel.numpy(),
+        model.get_layer("separable").depthwise_kernel.numpy()
+        * scale(model.get_layer("separable").depthwise_bn).reshape(-1, 1),
+        rtol=1e-6,
+    )
+    images = rng.uniform(-1, 1, (2, 13, 17, 3)).astype("float32")
+    # Eight layers in series at most, sums of up to 3x3x8 terms.
+    assert_close_relative(
+        folded(images, training=False), model(images, training=False), network_rtol(8, 72)
+    )
+
+
+def test_bfloat16_copy_computes_in_bfloat16_with_float32_variables():
+    model = calibrate_batch_norm(
+        build_model("deeplabv3plus-resnet10-cpu", 3, upsample_logits=False)
+    )
+    copy = fold_batch_norm(model, "bfloat16")
+    assert keras.mixed_precision.global_policy().name == "float32"  # the caller's, restored
+    policies = {layer.dtype_policy.name for layer in copy._flatten_layers(include_self=False)}
+    assert policies == {"mixed_bfloat16"}
+    assert {w.dtype for w in copy.weights} == {"float32"}
+    assert copy(np.zeros((1, 32, 32, 3), "float32")).dtype == tf.bfloat16
+    assert count_batch_norms(copy) == {"folded": 21}
+
+
+def test_multi_scale_model_is_not_copied():
+    """The v2 multi-scale wrapper is not functional: float32 uses it as it is, another
+    precision is a one-line error."""
+    model = build_model("deeplabv2-resnet101-msc-aspp-l", 3, upsample_logits=False)
+    assert fold_batch_norm(model) is model
+    with pytest.raises(ValueError, match="runs in float32 only"):
+        fold_batch_norm(model, "bfloat16")
+
+
+def test_unavailable_bfloat16_runs_float32_and_says_so(monkeypatch, caplog):
+    reason = "this CPU has no bfloat16 instructions (AVX512_BF16, AMX-BF16 or Arm BF16)"
+    monkeypatch.setattr("deeplab_tf.precision.bfloat16_unavailable", lambda: reason)
+    assert resolve_precision("bfloat16") == (
+        "float32", f"bfloat16 inference is not available: {reason}; running float32"
+    )  # fmt: skip
+    model = build_model("deeplabv3-resnet10-cpu", 3)
+    with caplog.at_level(logging.WARNING, logger="deeplab_tf.inference"):
+        predictor = Predictor(model, precision="bfloat16")
+    assert predictor.precision == "float32" and predictor.settings()["precision"] == "float32"
+    assert [r.getMessage() for r in caplog.records] == [predictor.precision_note]
+    with pytest.raises(InferenceError, match="--precision must be one of"):
+        Predictor(model, precision="float16")
+
+
+def test_cpu_flags_of_x86_and_arm(tmp_path):
+    x86 = tmp_path / "x86"
+    x86.write_text("processor\t: 0\nflags\t\t: fpu avx512f amx_bf16 avx512_bf16\n\n"
+                   "processor\t: 1\nflags\t\t: fpu\n")  # fmt: skip
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd bf16\n")
+    assert cpu_flags(x86) == {"fpu", "avx512f", "amx_bf16", "avx512_bf16"}
+    assert cpu_flags(arm) == {"fp", "asimd", "bf16"}
+    assert cpu_flags(tmp_path / "missing") is None
