@@ -45,8 +45,14 @@ def fold_batch_norm(model: keras.Model, precision: str = "float32") -> keras.Mod
     (the ASPP, decoder and Xception are made of them). Others stay as they are. A model
     that is not functional (the v2 multi-scale wrapper) cannot be copied: it comes back
     unchanged in float32, and ``precision="bfloat16"`` is a ``ValueError``. The copy is
-    for inference: its folded batch norms normalise nothing, in training neither.
+    for inference, not for training or saving: its folded batch norms normalise nothing,
+    and the composite layers' inner batch norms do not record that they are folded.
+
+    Raises:
+        ValueError: ``model`` is itself a folded copy, or not functional in bfloat16.
     """
+    if count_batch_norms(model)["folded"]:
+        raise ValueError(f"{model.name}: its batch norms are folded already")
     policy = DTYPE_POLICIES[precision]
     if not _is_functional(model):
         if precision != "float32":

@@ -34,6 +34,7 @@ the full [H, W, C] array, or fills an array the caller gives (e.g. a memory-mapp
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -323,12 +324,7 @@ class Predictor:
             raise InferenceError(f"tile_size must be a positive size, got {tile_size!r}")
         if not 0.0 <= tile_overlap < 1.0:
             raise InferenceError(f"tile_overlap must be in [0, 1), got {tile_overlap}")
-        try:
-            self.precision, self.precision_note = resolve_precision(precision)
-        except ValueError as error:
-            raise InferenceError(str(error)) from None
-        if self.precision_note:
-            logger.warning(self.precision_note)
+        self._set_precision(precision)
 
         self.checkpoint: CheckpointInfo | None = None
         if not isinstance(model, keras.Model):
@@ -349,6 +345,18 @@ class Predictor:
         self.tile_size: tuple[int, int] = (int(tile[0]), int(tile[1]))
         self.tile_overlap = float(tile_overlap)
         self.jit_compile = bool(jit_compile)
+        self._compile()
+
+    def _set_precision(self, precision: str) -> None:
+        try:
+            self.precision, self.precision_note = resolve_precision(precision)
+        except ValueError as error:
+            raise InferenceError(str(error)) from None
+        if self.precision_note:
+            logger.warning(self.precision_note)
+
+    def _compile(self) -> None:
+        """The functions that run ``model`` in ``precision``."""
         try:
             network = fold_batch_norm(self.model, self.precision)
         except ValueError as error:
@@ -385,18 +393,9 @@ class Predictor:
         already does)."""
         if precision == self.precision:
             return self
-        other = Predictor(
-            self.model,
-            scales=self.scales,
-            flip=self.flip,
-            fusion=self.fusion,
-            tiling=self.tiling,
-            tile_size=self.tile_size,
-            tile_overlap=self.tile_overlap,
-            jit_compile=self.jit_compile,
-            precision=precision,
-        )
-        other.checkpoint, other.output_stride = self.checkpoint, self.output_stride
+        other = copy.copy(self)
+        other._set_precision(precision)
+        other._compile()
         return other
 
     def identity(self) -> dict[str, Any] | None:

@@ -521,6 +521,12 @@ def test_bfloat16_predictor_and_savedmodel_agree_with_float32(
     assert sure.mean() > 0.5, sure.mean()
     np.testing.assert_array_equal(probabilities.argmax(-1)[sure], expected.argmax(-1)[sure])
     assert np.abs(probabilities - expected).max() > 1e-3  # it did compute in bfloat16
+    # What export converts to TFLite: the same network and settings in float32.
+    float32 = predictor.in_precision("float32")
+    assert float32.precision == "float32" and float32.model is predictor.model
+    np.testing.assert_array_equal(
+        float32.predict(val_images[0]), Predictor(model).predict(val_images[0])
+    )
 
     result = export(predictor, tmp_path, name="bf16", log=lambda line: None, progress=False)
     assert result.manifest["inference"]["precision"] == "bfloat16"

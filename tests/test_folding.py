@@ -79,6 +79,8 @@ def test_folded_copy_equals_the_model(variant, layers, terms):
     expected = model(images, training=False)
     assert_close_relative(folded(images, training=False), expected, network_rtol(layers, terms))
     assert folded.name == model.name
+    with pytest.raises(ValueError, match="folded already"):
+        fold_batch_norm(folded)
     for a, b in zip(model.get_weights(), before, strict=True):  # the model is untouched
         np.testing.assert_array_equal(a, b)
 

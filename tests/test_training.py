@@ -122,6 +122,32 @@ def test_images_are_padded_with_what_the_model_normalises_to_zero(
     assert seen["mean_pixel"] == (127.5, 127.5, 127.5)
 
 
+def test_the_seed_decides_the_initial_weights_whatever_the_checks_draw(
+    tiny_shapes, tmp_path, monkeypatch
+):
+    """The checks before training build models (check_memory's estimate) and so draw
+    from Keras's seeded generator: the seed is set after them, so the same seed gives
+    the same initial weights whatever they draw (the quickstart's 0.848 had become
+    0.831 when the memory check came in before the model)."""
+    import keras
+
+    initial, compile_model = [], training_run.compile_model
+
+    def record(*args, **kwargs):
+        initial.append(compile_model(*args, **kwargs).get_weights())
+        raise KeyboardInterrupt  # the initial weights are all this test needs
+
+    monkeypatch.setattr(training_run, "compile_model", record)
+    config = TrainConfig(SMALL, TINY_RECIPE, str(tmp_path / "run"), str(tiny_shapes), verbose=0)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(config)
+    monkeypatch.setattr(training_run, "check_memory", lambda *args: keras.random.normal((8,)))
+    with pytest.raises(KeyboardInterrupt):
+        run_training(config)
+    for first, second in zip(*initial, strict=True):
+        np.testing.assert_array_equal(first, second)
+
+
 def test_a_run_without_validation_moves_and_evaluates_from_anywhere(
     tiny_shapes, tmp_path, monkeypatch, capsys
 ):

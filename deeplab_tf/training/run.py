@@ -61,8 +61,6 @@ def _train(config: TrainConfig) -> dict[str, Any]:
             "another directory"
         )
     strategy = create_strategy(config.strategy)  # first: multi-worker needs a fresh runtime
-    if config.seed is not None:
-        keras.utils.set_random_seed(config.seed)
     if config.mixed_precision:
         gpu = bool(tf.config.list_logical_devices("GPU"))
         keras.mixed_precision.set_global_policy("mixed_float16" if gpu else "mixed_bfloat16")
@@ -119,6 +117,10 @@ def _train(config: TrainConfig) -> dict[str, Any]:
         )
 
     class_weights = class_weights_for(config, data_dir, num_classes)
+    # The seed right before the model and the data: the checks above build models too
+    # (check_memory), which would otherwise draw from the seeded generator first.
+    if config.seed is not None:
+        keras.utils.set_random_seed(config.seed)
     with strategy.scope():
         model = compile_model(config, num_classes, replicas, class_weights, total_steps)
 
