@@ -14,6 +14,11 @@ probabilities are its shape labels blurred as a stride-8 network's would be;
 ``--image`` uses a photo instead (resized to each case), which typically gives a
 denser lattice than the synthetic scene.
 
+``--batch N`` times ``crf.refine_many`` on N synthetic 375x500 scenes with
+``--workers W`` (threads for TensorFlow, processes for pydensecrf): one JSON line per
+backend with images per second; run it under ``taskset -c 0`` and without to get the
+one-core and two-core rates.
+
 ``--agreement N`` instead compares the two backends' refined probabilities on N
 synthetic 375x500 scenes (seeds 0..N-1) for three parameter sets: one JSON line per
 (scene, parameters) with the largest and mean absolute difference and the share of
@@ -120,6 +125,27 @@ def _agreement(num_scenes: int) -> int:
     return 0
 
 
+def _batch(num_images: int, workers: int, backends: list[str], repeats: int) -> int:
+    scenes = [synthetic_case(375, 500, 21, seed=seed) for seed in range(num_images)]
+    images, probabilities = [s[0] for s in scenes], [s[1] for s in scenes]
+    params = crf.CRFParams()
+    for backend in backends:
+        wall, _ = _median_seconds(  # the CPU time would miss pydensecrf's processes
+            lambda b=backend: crf.refine_many(images, probabilities, params, b, workers),
+            repeats,
+        )
+        record = {
+            "case": f"{num_images} x 375x500x21",
+            "backend": backend,
+            "workers": workers,
+            "images_per_second": round(num_images / wall, 3),
+            "usable_cores": len(os.sched_getaffinity(0)),
+            "repeats": repeats,
+        }
+        print(json.dumps(record), flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small images, one repeat")
@@ -127,7 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backends", default="pydensecrf,tensorflow")
     parser.add_argument("--image", help="a photo to use instead of the synthetic scene")
     parser.add_argument("--agreement", type=int, metavar="N", help="compare the backends")
+    parser.add_argument("--batch", type=int, metavar="N", help="time refine_many on N images")
+    parser.add_argument("--workers", type=int, default=None, help="refine_many workers")
     args = parser.parse_args(argv)
+    if args.batch:
+        return _batch(args.batch, args.workers, args.backends.split(","), args.repeats)
     if args.agreement:
         return _agreement(args.agreement)
     params = crf.CRFParams()

@@ -67,12 +67,19 @@ def build_lattice(features: tf.Tensor, image_ids: tf.Tensor, num_images: tf.Tens
     rank += d1 * wrap
     rounded = tf.cast(rounded, tf.int32) + wrap
     residual = (residual - tf.cast(d1 * wrap, tf.float32)) * np.float32(1.0 / d1)
-    # Barycentric weights (Adams et al., section 3.1 and p. 10).
-    position = d - rank
-    bary = tf.einsum(
-        "pi,pik->pk", residual, tf.one_hot(position, d1 + 1) - tf.one_hot(position + 1, d1 + 1)
+    # Barycentric weights (Adams et al., section 3.1 and p. 10): the reference adds
+    # each coordinate's residual at slot d - rank and subtracts it at the next slot.
+    # Ranks order the residuals, so slot k holds the k-th smallest residual s_k minus
+    # s_(k-1) (equal residuals are interchangeable): one row sort in place of a
+    # scatter of d + 1 terms per point.
+    ascending = tf.sort(residual, axis=1)
+    weights = tf.concat(
+        [
+            ascending[:, :1] + (1.0 - ascending[:, d:]),  # slot 0 takes the wrap-around d + 1
+            ascending[:, 1:] - ascending[:, :-1],
+        ],
+        axis=1,
     )
-    weights = tf.concat([bary[:, :1] + 1.0 + bary[:, d1:], bary[:, 1:d1]], axis=1)
 
     # Vertex r of the simplex: key_i = (d+1) rounded_i + r - (d+1) [rank_i + r > d]
     # (the reference's canonical simplex), for i < d; the last coordinate is implied
@@ -99,7 +106,7 @@ def build_lattice(features: tf.Tensor, image_ids: tf.Tensor, num_images: tf.Tens
     order = tf.argsort(unique_codes)
     sorted_codes = tf.gather(unique_codes, order)
     num_vertices = tf.size(sorted_codes)
-    sorted_index = tf.scatter_nd(order[:, None], tf.range(num_vertices), [num_vertices])
+    sorted_index = tf.math.invert_permutation(order)
     vertex_of = tf.reshape(tf.gather(sorted_index, first_seen_index), [-1, d1])
 
     # Blur neighbours along lattice direction j: key + (-1, ..., -1, +d at j, -1, ...)
@@ -115,58 +122,93 @@ def build_lattice(features: tf.Tensor, image_ids: tf.Tensor, num_images: tf.Tens
     return vertex_of, weights, blur, num_vertices
 
 
+def blur_gain(num_directions: int) -> float:
+    """densecrf's ``alpha``: corrects the blur's gain so that the response approximates
+    the unit-deviation Gaussian (Adams et al., section 3.1), for d + 1 directions."""
+    return 1.0 / (1.0 + 2.0 ** (1 - num_directions))
+
+
+def stack_lattices(lattices):
+    """Several lattices of the same points as one: ``build_lattice`` results with their
+    vertices numbered one block after another, so that one ``LatticeFilter`` pass
+    filters all of them and sums their responses (the CRF's two kernels at once).
+
+    Returns ``build_lattice``'s four values; ``vertex_of`` and ``weights`` hold each
+    lattice's d + 1 columns in turn, and a lattice with fewer directions than the
+    longest is left unblurred in the others (no neighbours).
+    """
+    directions = max(len(lattice[2]) for lattice in lattices)
+    offset = tf.constant(0, tf.int32)
+    vertex_of, weights, blur = [], [], [[] for _ in range(directions)]
+    for own_vertex_of, own_weights, own_blur, num_vertices in lattices:
+        vertex_of.append(own_vertex_of + offset)
+        weights.append(own_weights)
+        for j in range(directions):
+            if j < len(own_blur):
+                up = own_blur[j]
+                blur[j].append(tf.where(up >= 0, up + tf.cast(offset, tf.int64), -1))
+            else:
+                blur[j].append(tf.fill([num_vertices], tf.constant(-1, tf.int64)))
+        offset += num_vertices
+    blur = [tf.concat(parts, axis=0) for parts in blur]
+    return tf.concat(vertex_of, axis=1), tf.concat(weights, axis=1), blur, offset
+
+
 class LatticeFilter:
     """Splat / blur / slice of one lattice as sparse matrix products (graph-safe).
 
-    ``__call__(values [P, C])`` returns S^T B_d ... B_0 S values, which ``alpha`` times
-    is densecrf's ``Permutohedral::compute``: B_j = I + (N_j + N_j^T) / 2 with N_j the
-    neighbour pairs of direction j. Callers apply ``alpha`` where it costs no extra
-    pass over the values (the CRF folds it into its per-pixel scales).
+    ``__call__(values [P, C], splat_weights, slice_weights)`` returns
+    T^T B_d ... B_0 S values with S [M, P] the splat (``splat_weights`` [P, K] at each
+    point's K = d + 1 vertices) and T the slice (``slice_weights``, by default the
+    same), B_j = I + (N_j + N_j^T) / 2 with N_j the neighbour pairs of direction j.
+    With the barycentric weights and times ``blur_gain(d + 1)`` it is densecrf's
+    ``Permutohedral::compute``; the CRF folds its per-pixel normalisation, the gain
+    and the kernel weight into the two weight arrays, so that no pass over the values
+    is spent on them.
     """
 
-    def __init__(self, vertex_of, weights, blur, num_vertices):
+    def __init__(self, vertex_of, blur, num_vertices):
         num_points = tf.shape(vertex_of, out_type=tf.int64)[0]
-        d1 = vertex_of.shape[-1]
+        k = vertex_of.shape[-1]
         m = tf.cast(num_vertices, tf.int64)
-        # "alpha" of the reference: corrects the blur's gain so that the response
-        # approximates the unit-deviation Gaussian (Adams et al., section 3.1).
-        self.alpha = 1.0 / (1.0 + 2.0 ** (1 - d1))
-        # S^T [P, M]: each point's d+1 vertices; splatting multiplies by its adjoint.
-        rows = tf.reshape(tf.broadcast_to(tf.range(num_points)[:, None], [num_points, d1]), [-1])
-        entries = tf.stack([rows, tf.cast(tf.reshape(vertex_of, [-1]), tf.int64)], axis=1)
-        self.slice = tf.SparseTensor(entries, tf.reshape(weights, [-1]), tf.stack([num_points, m]))
-        # B_j row by row: (v, n2(v)) 1/2, (v, v) 1, (v, n1(v)) 1/2, a missing neighbour
-        # replaced by a 0 at (v, v). Rows in order and the identity inside the product
-        # make one sequential pass per direction (a third faster than N_j products
-        # plus additions on CPU).
+        self.num_vertices = m
+        self.vertex_of = vertex_of
+        rows = tf.reshape(tf.broadcast_to(tf.range(num_points)[:, None], [num_points, k]), [-1])
+        self._entries = tf.stack([rows, tf.cast(tf.reshape(vertex_of, [-1]), tf.int64)], axis=1)
+        self._shape = tf.stack([num_points, m])
+        # B_j = I + (N_j + N_j^T) / 2 as one product: the identity's entries, then the
+        # pairs (v, n1(v)) and their transposes, each group in row order (n1 grows
+        # with v, the codes being sorted). Only existing neighbours have entries: a
+        # fifth fewer than rows of three with zeros for missing ones, and no search
+        # for the opposite neighbour.
         own = tf.range(m)
-        rows = tf.reshape(tf.tile(own[:, None], [1, 3]), [-1])
+        identity = tf.stack([own, own], axis=1)
         self.blur = []
         for up in blur:
-            has_up = up >= 0
-            # down[u] = v where up[v] = u (v is unique); missing ones go to a spare
-            # segment m, and vertices without a down neighbour get the lowest int64.
-            down = tf.math.unsorted_segment_max(own, tf.where(has_up, up, m), m + 1)[:m]
-            has_down = down >= 0
-            columns = tf.stack([tf.where(has_down, down, own), own, tf.where(has_up, up, own)], 1)
-            values = tf.stack(
-                [tf.where(has_down, 0.5, 0.0), tf.ones([m]), tf.where(has_up, 0.5, 0.0)], axis=1
-            )
-            entries = tf.stack([rows, tf.reshape(columns, [-1])], axis=1)
-            self.blur.append(tf.SparseTensor(entries, tf.reshape(values, [-1]), [m, m]))
+            has_up = tf.where(up >= 0)[:, 0]
+            pairs = tf.stack([has_up, tf.gather(up, has_up)], axis=1)
+            entries = tf.concat([identity, pairs, tf.reverse(pairs, [1])], axis=0)
+            values = tf.concat([tf.ones([m]), tf.fill(2 * tf.shape(has_up)[:1], 0.5)], axis=0)
+            self.blur.append(tf.SparseTensor(entries, values, [m, m]))
 
-    @classmethod
-    def of_points(cls, features, image_ids, num_images) -> LatticeFilter:
-        return cls(*build_lattice(features, image_ids, num_images))
+    def points(self, weights: tf.Tensor) -> tf.SparseTensor:
+        """The [P, M] matrix of ``weights`` [P, K] at each point's vertices."""
+        return tf.SparseTensor(self._entries, tf.reshape(weights, [-1]), self._shape)
 
-    def __call__(self, values: tf.Tensor) -> tf.Tensor:
+    def splat(self, values: tf.Tensor, weights: tf.Tensor) -> tf.Tensor:
+        """[M, C]: each point's values spread on its vertices, blurred."""
+        lattice = tf.sparse.sparse_dense_matmul(self.points(weights), values, adjoint_a=True)
+        for blur in self.blur:
+            lattice = tf.sparse.sparse_dense_matmul(blur, lattice)
+        return lattice
+
+    def __call__(self, values: tf.Tensor, splat_weights, slice_weights=None) -> tf.Tensor:
         # TensorFlow's CPU kernel for these products is sequential; splitting them into
         # row blocks for parallel execution cost a third more CPU time and twice the
         # tracing time for no measurable gain on 2 shared cores, so it is not done.
-        lattice = tf.sparse.sparse_dense_matmul(self.slice, values, adjoint_a=True)
-        for blur in self.blur:
-            lattice = tf.sparse.sparse_dense_matmul(blur, lattice)
-        result = tf.sparse.sparse_dense_matmul(self.slice, lattice)
+        lattice = self.splat(values, splat_weights)
+        weights = splat_weights if slice_weights is None else slice_weights
+        result = tf.sparse.sparse_dense_matmul(self.points(weights), lattice)
         result.set_shape(values.shape)  # the sparse product loses the static point count
         return result
 
@@ -181,8 +223,10 @@ def permutohedral_filter(features: Any, values: Any, normalize: bool = True) -> 
     features = tf.convert_to_tensor(features, tf.float32)
     values = tf.convert_to_tensor(values, tf.float32)
     image_ids = tf.zeros(tf.shape(features)[:1], tf.int32)
-    lattice = LatticeFilter.of_points(features, image_ids, tf.constant(1))
+    vertex_of, weights, blur, num_vertices = build_lattice(features, image_ids, tf.constant(1))
+    lattice = LatticeFilter(vertex_of, blur, num_vertices)
+    gain = blur_gain(len(blur))
     if not normalize:
-        return lattice(values) * lattice.alpha
-    norm = tf.math.rsqrt(lattice(tf.ones_like(values[:, :1])) * lattice.alpha + 1e-20)
-    return lattice(values * norm) * (lattice.alpha * norm)
+        return lattice(values, weights) * gain
+    norm = tf.math.rsqrt(lattice(tf.ones_like(values[:, :1]), weights) * gain + 1e-20)
+    return lattice(values, weights * norm, weights * (gain * norm))
