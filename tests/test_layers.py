@@ -14,6 +14,7 @@ from deeplab_tf.layers import (
     IMAGENET_MEAN_RGB,
     AtrousConv2D,
     ConvBNReLU,
+    FoldableBatchNormalization,
     ImagePooling,
     PixelNormalization,
     ResizeBilinear,
@@ -28,7 +29,7 @@ from tests.helpers import (
     numpy_atrous_conv2d_grads,
     run_layer_checks,
 )
-from tests.tolerances import assert_within, sum_bound, sum_rtol
+from tests.tolerances import EPS32, assert_within, sum_bound, sum_rtol
 
 RATES = (1, 2, 3, 4, 12)
 rng = np.random.default_rng(0)
@@ -200,6 +201,84 @@ class TestAtrousConv2DInterface:
         # Each within Higham's bound of the exact 27-term sums (plus the zero bias).
         magnitude = numpy_atrous_conv2d(np.abs(x), np.abs(conv.get_weights()[0]), 1, "same")
         assert_within(atrous(x), conv(x), 2 * sum_bound(28, magnitude))
+
+
+class TestFusedBatchNormInTraining:
+    """FoldableBatchNormalization's training path (TensorFlow's fused kernel) against
+    the batch norm formulas in float64: outputs, moving statistics and gradients."""
+
+    @staticmethod
+    def numpy_reference(x, gamma, beta, dy, epsilon):
+        axes = (0, 1, 2)
+        mean, variance = x.mean(axes), x.var(axes)  # the biased variance, as Keras
+        xhat = (x - mean) / np.sqrt(variance + epsilon)
+        dxhat = dy * gamma
+        dx = (dxhat - dxhat.mean(axes) - xhat * (dxhat * xhat).mean(axes)) / np.sqrt(
+            variance + epsilon
+        )
+        return gamma * xhat + beta, mean, variance, dx, (dy * xhat).sum(axes), dy.sum(axes)
+
+    @pytest.mark.parametrize(
+        "shape, epsilon", [((2, 9, 7, 16), 1e-5), ((3, 5, 5, 4), 1e-3), ((1, 1, 1, 8), 1e-5)]
+    )
+    def test_matches_the_formulas(self, shape, epsilon):
+        rng = np.random.default_rng(0)
+        x = rng.normal(3.0, 2.0, shape).astype("f4")
+        dy = rng.normal(size=shape).astype("f4")
+        channels = shape[-1]
+        layer = FoldableBatchNormalization(momentum=0.9, epsilon=epsilon)
+        layer.build(shape)
+        gamma = np.linspace(0.5, 1.5, channels, dtype="f4")
+        beta = np.linspace(-1.0, 1.0, channels, dtype="f4")
+        layer.gamma.assign(gamma)
+        layer.beta.assign(beta)
+        inputs = tf.constant(x)
+        with tf.GradientTape() as tape:
+            tape.watch(inputs)
+            y = layer(inputs, training=True)
+            loss = tf.reduce_sum(y * dy)
+        dx, dgamma, dbeta = tape.gradient(loss, [inputs, layer.gamma, layer.beta])
+        x64 = x.astype(np.float64)
+        ref_y, mean, variance, ref_dx, ref_dgamma, ref_dbeta = self.numpy_reference(
+            x64, gamma.astype(np.float64), beta.astype(np.float64), dy.astype(np.float64), epsilon
+        )
+        # Each statistic is a float32 sum of n = N H W terms; the mean's error, up to
+        # n eps max|x|, moves the normalised values by that over the deviation, and the
+        # variance's relative error moves them by as much again: a bound of
+        # 2 n eps max|x| / sigma on x-hat, times gamma (and, for the gradients, times
+        # the sums of |dy| and |dy x-hat| they are made of).
+        n = int(np.prod(shape[:3]))
+        sigma = np.sqrt(variance + epsilon)
+        relative = 2 * n * EPS32 * np.abs(x64).max(axis=(0, 1, 2)) / sigma
+        assert_within(y, ref_y, relative * gamma + n * EPS32 * np.abs(beta))
+        momentum = 0.9
+        assert_within(layer.moving_mean, 0.1 * mean, n * EPS32 * np.abs(x64).max())
+        # Keras's moving variance averages the biased batch variance.
+        assert_within(
+            layer.moving_variance,
+            momentum + (1 - momentum) * variance,
+            2 * n * EPS32 * np.abs(x64).max() ** 2,
+        )
+        # The gradients are sums of dy and dy x-hat over the n pixels (dbeta, dgamma);
+        # dx = gamma / sigma (dy - mean(dy) - x-hat mean(dy x-hat)) carries the two
+        # means' errors and x-hat's, a factor 4 covering the four terms it combines.
+        magnitude = (np.abs(dy) * (1 + np.abs(ref_y - beta) / gamma)).sum(axis=(0, 1, 2))
+        assert_within(dbeta, ref_dbeta, n * EPS32 * np.abs(dy).sum(axis=(0, 1, 2)))
+        assert_within(dgamma, ref_dgamma, (relative + n * EPS32) * magnitude)
+        bound = 4 * (relative + 2 * n * EPS32) * gamma / sigma * magnitude / n
+        assert_within(dx, ref_dx, bound)
+
+    def test_a_model_trains_through_the_fused_kernel(self):
+        model = build_model("deeplabv3-resnet10-cpu", 3)
+        images = tf.zeros([2, 32, 32, 3])
+
+        @tf.function
+        def forward(images):
+            return model(images, training=True)
+
+        ops = {op.type for op in forward.get_concrete_function(images).graph.get_operations()}
+        assert "FusedBatchNormV3" in ops
+        assert "SquaredDifference" not in ops  # no moments computed op by op
 
 
 class TestPixelNormalization:

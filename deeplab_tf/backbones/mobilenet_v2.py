@@ -15,7 +15,7 @@ from keras import layers
 
 from deeplab_tf.backbones.features import FeatureInfo
 from deeplab_tf.backbones.output_stride import check_output_stride, stage_strides
-from deeplab_tf.layers import PixelNormalization
+from deeplab_tf.layers import FoldableBatchNormalization, PixelNormalization
 
 # (expansion, filters, nominal stride, units) of the inverted residual stages;
 # the first two stages make the stride-4 stem together with Conv1.
@@ -65,7 +65,7 @@ def build_mobilenet_v2(
     check_output_stride(output_stride)
 
     def bn(name):
-        return layers.BatchNormalization(
+        return FoldableBatchNormalization(
             epsilon=BN_EPSILON, momentum=bn_momentum, synchronized=sync_batchnorm, name=name
         )
 

@@ -21,7 +21,7 @@ from deeplab_tf.backbones.output_stride import (
     check_output_stride,
     stage_strides,
 )
-from deeplab_tf.layers import AtrousConv2D, PixelNormalization
+from deeplab_tf.layers import AtrousConv2D, FoldableBatchNormalization, PixelNormalization
 
 RESNET_UNITS = {"resnet50": (3, 4, 6, 3), "resnet101": (3, 4, 23, 3)}
 STAGE_FILTERS = (64, 128, 256, 512)
@@ -45,7 +45,7 @@ def _bottleneck_unit(
     so the 3x3 after it takes the stage's new rate at once."""
 
     def bn(suffix):
-        return layers.BatchNormalization(
+        return FoldableBatchNormalization(
             epsilon=BN_EPSILON,
             momentum=bn_momentum,
             synchronized=sync_batchnorm,
@@ -125,7 +125,7 @@ def build_resnet(
     x = PixelNormalization("caffe", name="normalization")(inputs)
     x = layers.ZeroPadding2D(3, name="conv1_pad")(x)
     x = layers.Conv2D(64, 7, strides=2, kernel_initializer="he_normal", name="conv1_conv")(x)
-    x = layers.BatchNormalization(
+    x = FoldableBatchNormalization(
         epsilon=BN_EPSILON, momentum=bn_momentum, synchronized=sync_batchnorm, name="conv1_bn"
     )(x)
     x = layers.Activation("relu", name="conv1_relu")(x)
@@ -192,7 +192,7 @@ def _basic_unit(
     nominal stride, so the weights are the same at every output stride."""
 
     def bn(suffix):
-        return layers.BatchNormalization(
+        return FoldableBatchNormalization(
             momentum=bn_momentum, synchronized=sync_batchnorm, name=f"{name}_{suffix}_bn"
         )
 
@@ -277,7 +277,7 @@ def build_resnet10_cpu(
         kernel_initializer="he_normal",
         name="conv1_conv",
     )(x)
-    x = layers.BatchNormalization(
+    x = FoldableBatchNormalization(
         momentum=bn_momentum, synchronized=sync_batchnorm, name="conv1_bn"
     )(x)
     x = layers.Activation("relu", name="conv1_relu")(x)

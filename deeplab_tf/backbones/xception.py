@@ -33,7 +33,12 @@ from deeplab_tf.backbones.output_stride import (
     check_output_stride,
     stage_strides,
 )
-from deeplab_tf.layers import AtrousSeparableConv2D, PixelNormalization, fixed_padding
+from deeplab_tf.layers import (
+    AtrousSeparableConv2D,
+    FoldableBatchNormalization,
+    PixelNormalization,
+    fixed_padding,
+)
 
 XCEPTION_BN_EPSILON = 1e-3
 XCEPTION_STEM = (32, 64)
@@ -101,7 +106,7 @@ def build_xception65(
                 sync_batchnorm=sync_batchnorm)  # fmt: skip
 
     def bn(name):
-        return layers.BatchNormalization(
+        return FoldableBatchNormalization(
             momentum=bn_momentum,
             epsilon=XCEPTION_BN_EPSILON,
             synchronized=sync_batchnorm,
