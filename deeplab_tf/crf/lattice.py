@@ -171,8 +171,6 @@ class LatticeFilter:
         num_points = tf.shape(vertex_of, out_type=tf.int64)[0]
         k = vertex_of.shape[-1]
         m = tf.cast(num_vertices, tf.int64)
-        self.num_vertices = m
-        self.vertex_of = vertex_of
         rows = tf.reshape(tf.broadcast_to(tf.range(num_points)[:, None], [num_points, k]), [-1])
         self._entries = tf.stack([rows, tf.cast(tf.reshape(vertex_of, [-1]), tf.int64)], axis=1)
         self._shape = tf.stack([num_points, m])
