@@ -20,6 +20,7 @@ from keras import layers
 
 from deeplab_tf.layers import AtrousConv2D, AtrousSeparableConv2D, ConvBNReLU
 from deeplab_tf.layers.normalization import FoldableBatchNormalization
+from deeplab_tf.multiscale import MultiScaleInputs
 from deeplab_tf.precision import DTYPE_POLICIES
 
 # Convolutions of a functional graph that a batch norm after them can be folded into.
@@ -42,49 +43,36 @@ def fold_batch_norm(model: keras.Model, precision: str = "float32") -> keras.Mod
 
     Folded: the batch norms of a functional graph whose input is a convolution's output
     that nothing else reads, and those of ``ConvBNReLU`` and ``AtrousSeparableConv2D``
-    (the ASPP, decoder and Xception are made of them). Others stay as they are. A model
-    that is not functional (the v2 multi-scale wrapper) cannot be copied: it comes back
-    unchanged in float32, and ``precision="bfloat16"`` is a ``ValueError``. The copy is
-    for inference, not for training or saving: its folded batch norms normalise nothing,
-    and the composite layers' inner batch norms do not record that they are folded.
+    (the ASPP, decoder and Xception are made of them). Others stay as they are. A
+    ``MultiScaleInputs`` model (v2's MSC) gets a folded copy of its network. ``model``
+    itself comes back only when there is nothing to change: no batch norm and every
+    layer already in ``precision`` (a model trained in mixed precision is copied to
+    float32). The copy is for inference, not for training or saving: its folded batch
+    norms normalise nothing, and the composite layers' inner batch norms do not record
+    that they are folded.
 
     Raises:
-        ValueError: ``model`` is itself a folded copy, or not functional in bfloat16.
+        ValueError: ``model`` is itself a folded copy, or neither functional nor
+            ``MultiScaleInputs``.
     """
     if count_batch_norms(model)["folded"]:
         raise ValueError(f"{model.name}: its batch norms are folded already")
-    policy = DTYPE_POLICIES[precision]
-    if not _is_functional(model):
-        if precision != "float32":
-            raise ValueError(
-                f"{model.name}: a {type(model).__name__} model runs in float32 only "
-                "(only functional models are copied to another precision)"
-            )
+    if not count_batch_norms(model) and _computes_in(model, precision):
         return model
-    if not count_batch_norms(model) and precision == "float32":
-        return model
+    if isinstance(model, MultiScaleInputs):
+        return _with_base(model, fold_batch_norm(model.base, precision))
+    _require_functional(model)
     pairs_before = _functional_pairs(model)
     paired_convolutions = {id(conv) for conv, _ in pairs_before}
-    clones: dict[int, keras.layers.Layer] = {}
 
-    def clone(layer):
-        config = layer.get_config()
-        if "dtype" in config and not isinstance(layer, layers.InputLayer):
-            config["dtype"] = policy
-        if isinstance(layer, layers.BatchNormalization):
-            return FoldableBatchNormalization.from_config(config)
+    def change(layer, config):
         if id(layer) in paired_convolutions and config.get("use_bias"):
             config["use_bias"] = False  # its bias moves into the batch norm's offset
+        if isinstance(layer, layers.BatchNormalization):
+            return FoldableBatchNormalization.from_config(config)
         return layer.__class__.from_config(config)
 
-    # The layers that composite layers make inside (ConvBNReLU's convolution and batch
-    # norm, ...) take the global policy.
-    caller_policy = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy(policy)
-    try:
-        copy = keras.models.clone_model(model, clone_function=clone, recursive=True, cache=clones)
-    finally:
-        keras.mixed_precision.set_global_policy(caller_policy)
+    copy, clones = _copy(model, precision, change)
     originals = {id(layer): layer for layer in model._flatten_layers(include_self=False)}
     biases = {}
     for original_id, layer in clones.items():
@@ -106,6 +94,73 @@ def fold_batch_norm(model: keras.Model, precision: str = "float32") -> keras.Mod
     for pair in pairs:
         _fold(pair)
     return copy
+
+
+def in_precision(model: keras.Model, precision: str) -> keras.Model:
+    """``model`` with every layer computing in ``precision`` (``PRECISIONS``): ``model``
+    itself when it does already, else a copy with the same weights and layers (batch
+    norms unfolded), as ``build_model`` would have made it under that precision's
+    policy. A model trained in mixed bfloat16 keeps that policy in its ``.keras`` file;
+    this is its float32 model.
+
+    Raises:
+        ValueError: ``model`` is neither functional nor ``MultiScaleInputs``.
+    """
+    if _computes_in(model, precision):
+        return model
+    if isinstance(model, MultiScaleInputs):
+        return _with_base(model, in_precision(model.base, precision))
+    _require_functional(model)
+    copy, _ = _copy(model, precision, lambda layer, config: layer.__class__.from_config(config))
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def _computes_in(model: keras.Model, precision: str) -> bool:
+    policy = DTYPE_POLICIES[precision]
+    return all(
+        layer.dtype_policy.name == policy
+        for layer in model._flatten_layers(include_self=False, recursive=True)
+        if not isinstance(layer, (layers.InputLayer, keras.Model))  # containers compute nothing
+    )
+
+
+def _require_functional(model: keras.Model) -> None:
+    if not _is_functional(model):
+        raise ValueError(
+            f"{model.name}: a {type(model).__name__} model cannot be copied "
+            "(only functional models and MultiScaleInputs are)"
+        )
+
+
+def _copy(model: keras.Model, precision: str, make) -> tuple[keras.Model, dict[int, layers.Layer]]:
+    """``keras.models.clone_model`` with each layer made by ``make(layer, config)`` from
+    its config in ``precision``'s policy; also the clones by id of their original."""
+    policy = DTYPE_POLICIES[precision]
+    clones: dict[int, keras.layers.Layer] = {}
+
+    def clone(layer):
+        config = layer.get_config()
+        if "dtype" in config and not isinstance(layer, layers.InputLayer):
+            config["dtype"] = policy
+        return make(layer, config)
+
+    # The layers that composite layers make inside (ConvBNReLU's convolution and batch
+    # norm, ...) take the global policy.
+    caller_policy = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        copy = keras.models.clone_model(model, clone_function=clone, recursive=True, cache=clones)
+    finally:
+        keras.mixed_precision.set_global_policy(caller_policy)
+    return copy, clones
+
+
+def _with_base(model: MultiScaleInputs, base: keras.Model) -> MultiScaleInputs:
+    # The wrapper has no variables; its own casts keep its fusion in float32.
+    return MultiScaleInputs(
+        base, scales=model.scales, upsample_logits=model.upsample_logits, name=model.name
+    )
 
 
 def count_batch_norms(model: keras.Model) -> Counter:

@@ -28,6 +28,8 @@ NUMERICS = (
     "tests/test_decoder.py::test_v3plus_changes_output_stride_and_flips_in_the_predictor",
     "tests/test_dilation.py",
     "tests/test_folding.py::test_folded_copy_equals_the_model",
+    "tests/test_folding.py::test_multi_scale_model_gets_a_folded_network",
+    "tests/test_folding.py::test_model_trained_in_bfloat16_runs_float32",
     "tests/test_folding.py::test_fold_against_numpy_and_what_stays",
     "tests/test_export.py::TestSavedModel::test_serving_default_equals_the_keras_model",
     "tests/test_export.py::TestSavedModel::test_saved_model_cli_runs_serving_default_on_npy",

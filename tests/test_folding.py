@@ -10,12 +10,14 @@ import pytest
 import tensorflow as tf
 
 from deeplab_tf import build_model
-from deeplab_tf.folding import count_batch_norms, fold_batch_norm
+from deeplab_tf.export.bundle import keras_model_for_apps
+from deeplab_tf.folding import count_batch_norms, fold_batch_norm, in_precision
 from deeplab_tf.inference import InferenceError, Predictor
 from deeplab_tf.layers import AtrousSeparableConv2D, ConvBNReLU, FoldableBatchNormalization
+from deeplab_tf.multiscale import MultiScaleInputs
 from deeplab_tf.precision import cpu_flags, resolve_precision
 from tests.helpers import assert_close_relative, calibrate_batch_norm
-from tests.tolerances import network_rtol
+from tests.tolerances import model_probability_atol, network_rtol
 
 rng = np.random.default_rng(3)
 
@@ -165,13 +167,106 @@ def test_bfloat16_copy_computes_in_bfloat16_with_float32_variables():
     assert count_batch_norms(copy) == {"folded": 21}
 
 
-def test_multi_scale_model_is_not_copied():
-    """The v2 multi-scale wrapper is not functional: float32 uses it as it is, another
-    precision is a one-line error."""
-    model = build_model("deeplabv2-resnet101-msc-aspp-l", 3, upsample_logits=False)
-    assert fold_batch_norm(model) is model
-    with pytest.raises(ValueError, match="runs in float32 only"):
-        fold_batch_norm(model, "bfloat16")
+def test_multi_scale_model_gets_a_folded_network():
+    """The v2 multi-scale wrapper is copied around a folded copy of its network: the
+    same fused logits up to float32 rounding, and bfloat16 arithmetic in bfloat16."""
+    images = rng.uniform(0, 255, (2, 61, 47, 3)).astype("float32")
+    base = calibrate_batch_norm(
+        build_model("deeplabv3-resnet10-cpu", 3, upsample_logits=False), images=images
+    )
+    model = MultiScaleInputs(base, (1.0, 0.5), upsample_logits=False, name="msc")
+    folded = fold_batch_norm(model)
+    assert isinstance(folded, MultiScaleInputs) and folded.scales == model.scales
+    assert count_batch_norms(folded) == {"folded": count_batch_norms(model)["normalising"]}
+    # As test_folded_copy_equals_the_model: 12 layers in series, sums of 3x3x128 terms;
+    # the max fusion and the resizes pass the differences on, never add to them. (Not
+    # ``varies``: a random network's fused logits are mostly per-class offsets; an
+    # unfolded or wrongly folded batch norm still moves them by far more than the bound.)
+    assert_close_relative(
+        folded(images, training=False),
+        model(images, training=False),
+        network_rtol(12, 9 * 128),
+        varies=False,
+    )
+    in_bfloat16 = fold_batch_norm(model, "bfloat16")
+    assert _policies(in_bfloat16.base) == {"mixed_bfloat16"}
+    assert in_bfloat16(images).dtype == tf.float32  # the wrapper's fusion stays float32
+
+
+def _policies(model: keras.Model) -> set[str]:
+    return {
+        layer.dtype_policy.name
+        for layer in model._flatten_layers(include_self=False, recursive=True)
+        if not isinstance(layer, (keras.layers.InputLayer, keras.Model))
+    }
+
+
+def _trained_in_mixed_bfloat16(reference: keras.Model, build) -> keras.Model:
+    """``build()`` under the global policy that bfloat16 training sets (and its .keras
+    file keeps), with ``reference``'s weights."""
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        model = build()
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    model.set_weights(reference.get_weights())
+    assert _policies(model) == {"mixed_bfloat16"}
+    return model
+
+
+def _plain_convolutions() -> keras.Model:  # no batch norm: nothing to fold
+    inputs = keras.Input((None, None, 3))
+    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="a")(inputs)
+    return keras.Model(inputs, keras.layers.Conv2D(3, 3, padding="same", name="b")(x))
+
+
+@pytest.mark.parametrize("with_batch_norm", [False, True])
+def test_model_trained_in_bfloat16_runs_float32(with_batch_norm):
+    """A model trained under ``mixed_bfloat16`` keeps that policy: its float32 copies
+    (``in_precision``, and the fold, even with no batch norm to fold) compute what the
+    same weights compute in a model built in float32, and the Predictor's default
+    precision runs it in float32, not in the bfloat16 it was trained in."""
+    # As test_folded_copy_equals_the_model's (a single small image's batch statistics
+    # make a random network that amplifies rounding beyond the per-layer bound).
+    images = rng.uniform(0, 255, (2, 61, 47, 3)).astype("float32")
+
+    def build():
+        if not with_batch_norm:
+            return _plain_convolutions()
+        return build_model("deeplabv3-resnet10-cpu", 3, upsample_logits=False)
+
+    reference = build()
+    if with_batch_norm:
+        calibrate_batch_norm(reference, images=images)
+    mixed = _trained_in_mixed_bfloat16(reference, build)
+    expected = reference(images, training=False).numpy()
+    # bfloat16 keeps 8 significant bits: far from float32's logits, so the checks below
+    # tell the two apart.
+    in_bfloat16 = mixed(images, training=False).numpy().astype("float32")
+    assert np.abs(in_bfloat16 - expected).max() > 1e-3 * np.abs(expected).max()
+
+    copy = in_precision(mixed, "float32")
+    assert _policies(copy) == {"float32"} and _policies(mixed) == {"mixed_bfloat16"}
+    # The same float32 ops on the same weights: equal up to the order of threaded sums.
+    np.testing.assert_allclose(
+        copy(images, training=False), expected, rtol=1e-6, atol=1e-6 * np.abs(expected).max()
+    )
+    assert in_precision(reference, "float32") is reference
+    folded = fold_batch_norm(mixed)
+    assert _policies(folded) == {"float32"}
+    # As test_folded_copy_equals_the_model; the plain model: 2 layers, 3x3x8 terms.
+    rtol = network_rtol(12, 9 * 128) if with_batch_norm else network_rtol(2, 9 * 8)
+    assert_close_relative(folded(images, training=False), expected, rtol)
+    assert (fold_batch_norm(reference) is reference) is not with_batch_norm
+
+    predictor = Predictor(mixed)
+    np.testing.assert_allclose(
+        predictor.predict(images[0]),
+        Predictor(reference).predict(images[0]),
+        atol=model_probability_atol(reference, images, rtol),
+    )
+    # export.py's model.keras for apps is float32 too (README: Serving).
+    assert _policies(keras_model_for_apps(predictor)) == {"float32"}
 
 
 def test_unavailable_bfloat16_runs_float32_and_says_so(monkeypatch, caplog):

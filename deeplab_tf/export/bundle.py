@@ -33,6 +33,7 @@ from deeplab_tf.export.tflite import (
     save_fixed_size_model,
 )
 from deeplab_tf.files import replace_dir, temporary_dir, write_json_atomic
+from deeplab_tf.folding import in_precision
 from deeplab_tf.inference import Predictor, read_checkpoint_info
 from deeplab_tf.layers import ResizeBilinear
 from deeplab_tf.prediction import resolve_spec
@@ -48,8 +49,9 @@ class Export:
 
 def keras_model_for_apps(predictor: Predictor) -> keras.Model:
     """The predictor's network (at its output stride) ending with its logits upsampled to
-    the input size, as ``build_model`` returns it."""
-    model = predictor.model
+    the input size, as ``build_model`` returns it, in float32 whatever precision it was
+    trained or exported in (apps may run on CPUs without bfloat16)."""
+    model = in_precision(predictor.model, "float32")
     upsampled = ResizeBilinear(name="upsample")([model.outputs[0], model.inputs[0]])
     return keras.Model(model.inputs[0], upsampled, name=model.name)
 
