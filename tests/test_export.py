@@ -476,15 +476,26 @@ def _quiet_env() -> dict[str, str]:
     return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(ROOT)}
 
 
-def test_v3_model_through_tflite_and_keras(tmp_path):
+@pytest.mark.parametrize("trained_in", ["float32", "mixed_bfloat16"])
+def test_v3_model_through_tflite_and_keras(tmp_path, trained_in):
     """The v3 model (no decoder; the shared model above has one) exported: TFLite
     float32 labels are the Keras network's wherever decided, and the .keras file
-    reloads to the same logits."""
+    reloads to the same logits. A model trained with --mixed-precision (its layers keep
+    the mixed_bfloat16 policy) exports the same float32 files as the float32 model with
+    its weights."""
     keras.utils.set_random_seed(0)
     model = build_model("deeplabv3-resnet10-cpu", 3)
     images = rng.uniform(0, 255, (2, SIZE, SIZE, 3)).astype("float32")
     calibrate_batch_norm(model, images=images)  # logits that vary, as a trained net's
-    result = export(Predictor(model), tmp_path, formats=("tflite", "keras"), name="v3",
+    trained = model
+    if trained_in != "float32":
+        keras.mixed_precision.set_global_policy(trained_in)  # as train.py sets it
+        try:
+            trained = build_model("deeplabv3-resnet10-cpu", 3)
+        finally:
+            keras.mixed_precision.set_global_policy("float32")
+        trained.set_weights(model.get_weights())
+    result = export(Predictor(trained), tmp_path, formats=("tflite", "keras"), name="v3",
                     input_size=(SIZE, SIZE), log=lambda line: None, progress=False)  # fmt: skip
     rtol = network_rtol(V3_LAYERS, NETWORK_TERMS)
     expected = keras_probabilities(model, images)
@@ -494,6 +505,7 @@ def test_v3_model_through_tflite_and_keras(tmp_path):
     labels = np.stack([tflite.predict_labels(image) for image in images])
     np.testing.assert_array_equal(labels[sure], expected.argmax(-1)[sure])
     reloaded = keras.models.load_model(result.path / KERAS_FILE)
+    assert {layer.dtype_policy.name for layer in reloaded._flatten_layers()} == {"float32"}
     logits = np.asarray(model(images, training=False))
     assert_close_relative(reloaded(images, training=False), logits, rtol)
 
