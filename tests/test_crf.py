@@ -13,6 +13,7 @@ from scipy import ndimage
 
 from deeplab_tf import crf
 from deeplab_tf.crf import pydensecrf_backend
+from deeplab_tf.crf.mean_field import refine_tensorflow_many
 from tests.tolerances import assert_refinements_agree, sum_rtol, sum_to_one_atol
 
 BACKENDS = ("pydensecrf", "tensorflow")
@@ -191,6 +192,20 @@ def test_refine_many_in_parallel_workers_matches_refine(backend):
 # === The TensorFlow backend ===
 
 
+def test_lattices_shared_by_parameter_sets_of_the_same_widths():
+    """``refine_tensorflow_many`` builds the lattices once for parameter sets that
+    share sa, sb and sg: each set's result is its own refinement's (the same ops on the
+    same values, so equal), and sets of other widths are refused."""
+    image, probabilities, _ = shapes_case(4)
+    params = [crf.CRFParams(w1=3), crf.CRFParams(w1=5, w2=1), crf.CRFParams(iterations=2)]
+    shared = refine_tensorflow_many(image, probabilities, params)
+    for p, q in zip(params, shared, strict=True):
+        np.testing.assert_array_equal(q, crf.refine(image, probabilities, p, "tensorflow"))
+    assert np.abs(shared[0] - shared[1]).max() > 1e-3  # the weights did change it
+    with pytest.raises(ValueError, match="must share sa, sb, sg"):
+        refine_tensorflow_many(image, probabilities, [crf.CRFParams(), crf.CRFParams(sa=60)])
+
+
 def test_permutohedral_filter_approximates_the_exact_bilateral_filter():
     # A 12x16 image with smooth colours and an edge; bilateral features as in the CRF.
     rng = np.random.default_rng(0)
@@ -245,9 +260,12 @@ def test_batch_equals_single_images_and_saved_model_round_trip(tmp_path):
 # === Parameter search ===
 
 
-def test_search_finds_the_known_best_parameters():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_search_finds_the_known_best_parameters(backend):
     # Low colour contrast and a wide blur: only a strong (w1 = 5), long-range (sa = 50),
-    # colour-selective (sb = 3) bilateral kernel restores the discs completely.
+    # colour-selective (sb = 3) bilateral kernel restores the discs completely. The
+    # TensorFlow search refines each image once per (sa, sb) for all w1; the rows are
+    # checked against refinements one parameter set at a time.
     cases = [disc_case(seed, blur=6.0, contrast=30.0) for seed in range(2)]
     images, probabilities, labels = zip(*cases, strict=True)
     grid = crf.SearchGrid(w1=(1, 5), sa=(5, 50), sb=(3, 100))
@@ -259,7 +277,7 @@ def test_search_finds_the_known_best_parameters():
         num_classes=2,
         grid=grid,
         rounds=1,
-        backend="pydensecrf",
+        backend=backend,
         workers=2,
         progress=lambda done, total: ticks.append((done, total)),
     )
@@ -273,7 +291,7 @@ def test_search_finds_the_known_best_parameters():
     for row in result.rows:
         params = crf.CRFParams(w1=row["w1"], sa=row["sa"], sb=row["sb"])
         total = sum(
-            confusion(lab, crf.refine(img, p, params, "pydensecrf").argmax(-1), 2)
+            confusion(lab, crf.refine(img, p, params, backend).argmax(-1), 2)
             for img, p, lab in cases
         )
         assert row["mean_iou"] == pytest.approx(mean_iou(total), abs=1e-12)

@@ -13,7 +13,7 @@ import numpy as np
 
 from deeplab_tf.crf import pydensecrf_backend
 from deeplab_tf.crf.backends import resolve_backend
-from deeplab_tf.crf.mean_field import refine_tensorflow
+from deeplab_tf.crf.mean_field import refine_tensorflow_many
 from deeplab_tf.crf.params import CRFParams, check_inputs
 from deeplab_tf.data.specs import IGNORE_LABEL
 from deeplab_tf.files import write_json_atomic
@@ -217,33 +217,50 @@ def _evaluate(
 ) -> dict[CRFParams, np.ndarray]:
     """Summed confusion matrix of each parameter set in ``todo`` over ``data``;
     ``on_scored(params, matrix)`` as each set's last image is done."""
-    tasks = [(params, i) for params in todo for i in range(len(data))]
-    if not tasks:  # all known (a resumed search)
+    if not todo:  # all known (a resumed search)
         return {}
     if backend == "pydensecrf":
+        # (params, image) pairs.
+        groups = [[params] for params in todo]
         results = pool.map(
             _confusion_task,
-            *zip(*tasks, strict=True),
+            *zip(*[(group[0], i) for group in groups for i in range(len(data))], strict=True),
             itertools.repeat(num_classes),
             itertools.repeat(ignore_label),
-            chunksize=max(1, len(tasks) // 64),  # a few chunks per worker: balance
+            chunksize=max(1, len(groups) * len(data) // 64),  # a few chunks per worker
         )
+        results = ([confusion] for confusion in results)
     else:
+        # (parameter sets sharing the kernels' widths, image): each image's lattices
+        # are built once per (sa, sb, sg), not once per w1.
+        by_widths: dict[tuple[float, ...], list[CRFParams]] = {}
+        for params in todo:
+            by_widths.setdefault((params.sa, params.sb, params.sg), []).append(params)
+        groups = list(by_widths.values())
 
-        def task(params, i):
-            prediction = refine_tensorflow(data[i][0], data[i][1], params).argmax(-1)
-            return confusion_matrix(data[i][2], prediction, num_classes, ignore_label)
+        def task(group, i):
+            refined = refine_tensorflow_many(data[i][0], data[i][1], group)
+            return [
+                confusion_matrix(data[i][2], q.argmax(-1), num_classes, ignore_label)
+                for q in refined
+            ]
 
-        results = pool.map(task, *zip(*tasks, strict=True))
+        results = pool.map(
+            task, *zip(*[(g, i) for g in groups for i in range(len(data))], strict=True)
+        )
     totals = {params: np.zeros((num_classes, num_classes), np.int64) for params in todo}
+    total, done = len(todo) * len(data), 0
     if progress is not None:
-        progress(0, len(tasks))  # the round starts
-    for done, ((params, i), confusion) in enumerate(zip(tasks, results, strict=True), start=1):
-        totals[params] += confusion
-        if on_scored is not None and i == len(data) - 1:  # tasks come params by params
-            on_scored(params, totals[params])
-        if progress is not None:
-            progress(done, len(tasks))
+        progress(0, total)  # the round starts
+    tasks = ((group, i) for group in groups for i in range(len(data)))
+    for (group, i), confusions in zip(tasks, results, strict=True):
+        for params, confusion in zip(group, confusions, strict=True):
+            totals[params] += confusion
+            if on_scored is not None and i == len(data) - 1:  # tasks come group by group
+                on_scored(params, totals[params])
+            done += 1
+            if progress is not None:
+                progress(done, total)
     return totals
 
 
