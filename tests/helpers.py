@@ -78,6 +78,18 @@ def assert_close_relative(actual, expected, rtol: float, varies: bool = True) ->
     np.testing.assert_allclose(actual, expected, atol=rtol * scale)
 
 
+def trained_in_mixed_bfloat16(reference: keras.Model, build) -> keras.Model:
+    """``build()`` under the global policy that bfloat16 training sets (and its .keras
+    file keeps), with ``reference``'s weights."""
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        model = build()
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    model.set_weights(reference.get_weights())
+    return model
+
+
 def assert_same_weights(a: keras.layers.Layer, b: keras.layers.Layer) -> None:
     """Layers (or models) ``a`` and ``b`` hold equal weights, in the same order."""
     for x, y in zip(a.get_weights(), b.get_weights(), strict=True):

@@ -39,7 +39,7 @@ from deeplab_tf.export import (
 )
 from deeplab_tf.inference import Predictor
 from deeplab_tf.losses import SoftmaxCrossEntropy
-from tests.helpers import assert_close_relative, calibrate_batch_norm
+from tests.helpers import assert_close_relative, calibrate_batch_norm, trained_in_mixed_bfloat16
 from tests.tolerances import (
     EPS32,
     assert_refinements_agree,
@@ -489,12 +489,7 @@ def test_v3_model_through_tflite_and_keras(tmp_path, trained_in):
     calibrate_batch_norm(model, images=images)  # logits that vary, as a trained net's
     trained = model
     if trained_in != "float32":
-        keras.mixed_precision.set_global_policy(trained_in)  # as train.py sets it
-        try:
-            trained = build_model("deeplabv3-resnet10-cpu", 3)
-        finally:
-            keras.mixed_precision.set_global_policy("float32")
-        trained.set_weights(model.get_weights())
+        trained = trained_in_mixed_bfloat16(model, lambda: build_model("deeplabv3-resnet10-cpu", 3))
     result = export(Predictor(trained), tmp_path, formats=("tflite", "keras"), name="v3",
                     input_size=(SIZE, SIZE), log=lambda line: None, progress=False)  # fmt: skip
     rtol = network_rtol(V3_LAYERS, NETWORK_TERMS)

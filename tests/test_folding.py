@@ -16,7 +16,7 @@ from deeplab_tf.inference import InferenceError, Predictor
 from deeplab_tf.layers import AtrousSeparableConv2D, ConvBNReLU, FoldableBatchNormalization
 from deeplab_tf.multiscale import MultiScaleInputs
 from deeplab_tf.precision import cpu_flags, resolve_precision
-from tests.helpers import assert_close_relative, calibrate_batch_norm
+from tests.helpers import assert_close_relative, calibrate_batch_norm, trained_in_mixed_bfloat16
 from tests.tolerances import model_probability_atol, network_rtol
 
 rng = np.random.default_rng(3)
@@ -201,19 +201,6 @@ def _policies(model: keras.Model) -> set[str]:
     }
 
 
-def _trained_in_mixed_bfloat16(reference: keras.Model, build) -> keras.Model:
-    """``build()`` under the global policy that bfloat16 training sets (and its .keras
-    file keeps), with ``reference``'s weights."""
-    keras.mixed_precision.set_global_policy("mixed_bfloat16")
-    try:
-        model = build()
-    finally:
-        keras.mixed_precision.set_global_policy("float32")
-    model.set_weights(reference.get_weights())
-    assert _policies(model) == {"mixed_bfloat16"}
-    return model
-
-
 def _plain_convolutions() -> keras.Model:  # no batch norm: nothing to fold
     inputs = keras.Input((None, None, 3))
     x = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="a")(inputs)
@@ -238,7 +225,8 @@ def test_model_trained_in_bfloat16_runs_float32(with_batch_norm):
     reference = build()
     if with_batch_norm:
         calibrate_batch_norm(reference, images=images)
-    mixed = _trained_in_mixed_bfloat16(reference, build)
+    mixed = trained_in_mixed_bfloat16(reference, build)
+    assert _policies(mixed) == {"mixed_bfloat16"}
     expected = reference(images, training=False).numpy()
     # bfloat16 keeps 8 significant bits: far from float32's logits, so the checks below
     # tell the two apart.

@@ -219,24 +219,24 @@ def _evaluate(
     ``on_scored(params, matrix)`` as each set's last image is done."""
     if not todo:  # all known (a resumed search)
         return {}
+    # The TensorFlow backend refines an image for all the sets sharing the kernels'
+    # widths at once: its lattices are built once per (sa, sb, sg), not once per w1.
+    groups: dict[Any, list[CRFParams]] = {}
+    for params in todo:
+        key = params if backend == "pydensecrf" else (params.sa, params.sb, params.sg)
+        groups.setdefault(key, []).append(params)
+    tasks = [(group, i) for group in groups.values() for i in range(len(data))]
     if backend == "pydensecrf":
-        # (params, image) pairs.
-        groups = [[params] for params in todo]
-        results = pool.map(
+        confusions = pool.map(
             _confusion_task,
-            *zip(*[(group[0], i) for group in groups for i in range(len(data))], strict=True),
+            [group[0] for group, _ in tasks],
+            [i for _, i in tasks],
             itertools.repeat(num_classes),
             itertools.repeat(ignore_label),
-            chunksize=max(1, len(groups) * len(data) // 64),  # a few chunks per worker
+            chunksize=max(1, len(tasks) // 64),  # a few chunks per worker: balance
         )
-        results = ([confusion] for confusion in results)
+        results = ([confusion] for confusion in confusions)
     else:
-        # (parameter sets sharing the kernels' widths, image): each image's lattices
-        # are built once per (sa, sb, sg), not once per w1.
-        by_widths: dict[tuple[float, ...], list[CRFParams]] = {}
-        for params in todo:
-            by_widths.setdefault((params.sa, params.sb, params.sg), []).append(params)
-        groups = list(by_widths.values())
 
         def task(group, i):
             refined = refine_tensorflow_many(data[i][0], data[i][1], group)
@@ -245,14 +245,11 @@ def _evaluate(
                 for q in refined
             ]
 
-        results = pool.map(
-            task, *zip(*[(g, i) for g in groups for i in range(len(data))], strict=True)
-        )
+        results = pool.map(task, *zip(*tasks, strict=True))
     totals = {params: np.zeros((num_classes, num_classes), np.int64) for params in todo}
     total, done = len(todo) * len(data), 0
     if progress is not None:
         progress(0, total)  # the round starts
-    tasks = ((group, i) for group in groups for i in range(len(data)))
     for (group, i), confusions in zip(tasks, results, strict=True):
         for params, confusion in zip(group, confusions, strict=True):
             totals[params] += confusion
