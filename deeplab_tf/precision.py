@@ -1,13 +1,17 @@
 """Inference precision (``--precision``): float32, or bfloat16 on CPUs that compute it.
 
-bfloat16 keeps float32's exponent and 8 significant bits. Intel CPUs with AVX512_BF16
-or AMX, and Arm CPUs with BF16, multiply it in hardware through TensorFlow's oneDNN
-kernels; elsewhere it would be emulated, slower than float32, so it is not used there.
+bfloat16 keeps float32's exponent and 8 significant bits. x86 CPUs with AVX512_BF16
+(Intel, and AMD from Zen 4) or AMX, and Arm CPUs with BF16, multiply it in hardware
+through TensorFlow's oneDNN kernels; elsewhere it would be emulated, slower than
+float32, so inference does not use it there. Mixed-precision training
+(``--mixed-precision``) runs wherever TensorFlow can run bfloat16 convolutions at all
+(``bfloat16_cannot_run``).
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 PRECISIONS = ("float32", "bfloat16")
@@ -16,6 +20,14 @@ PRECISIONS = ("float32", "bfloat16")
 DTYPE_POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16"}
 # CPU flags (Linux /proc/cpuinfo) of bfloat16 arithmetic.
 BFLOAT16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
+# oneDNN's x86 instruction-set levels below AVX512_CORE_BF16 (values of its cap,
+# ONEDNN_MAX_CPU_ISA). TensorFlow hands bfloat16 ops to oneDNN whenever the CPU has
+# AVX512F or AVX_NE_CONVERT, without reading the cap. Capped at these levels oneDNN has
+# no bfloat16 convolution and the op fails ("could not create a primitive descriptor");
+# AVX2_VNNI_2 has one only where the CPU has AVX_NE_CONVERT.
+ONEDNN_ISAS_WITHOUT_BFLOAT16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI")
+# Here oneDNN emulates bfloat16 arithmetic, slower than float32.
+ONEDNN_ISAS_EMULATING_BFLOAT16 = ("AVX512_CORE", "AVX512_CORE_VNNI")
 
 
 @functools.cache
@@ -32,6 +44,42 @@ def bfloat16_unavailable() -> str | None:
         return "this system does not list its CPU's instructions (/proc/cpuinfo)"
     if not flags & BFLOAT16_CPU_FLAGS:
         return "this CPU has no bfloat16 instructions (AVX512_BF16, AMX-BF16 or Arm BF16)"
+    cap = onednn_isa_cap()
+    below = (*ONEDNN_ISAS_WITHOUT_BFLOAT16, "AVX2_VNNI_2", *ONEDNN_ISAS_EMULATING_BFLOAT16)
+    if cap and cap[1] in below:
+        return f"{cap[0]}={cap[1]} keeps oneDNN below AVX512_CORE_BF16"
+    return None
+
+
+@functools.cache
+def bfloat16_cannot_run() -> str | None:
+    """Why TensorFlow fails on bfloat16 convolutions on this machine (see
+    ``ONEDNN_ISAS_WITHOUT_BFLOAT16``), or None where they run, fast or emulated."""
+    try:
+        from tensorflow.python.util import _pywrap_util_port
+    except ImportError:
+        return None
+    cap = onednn_isa_cap()
+    flags = cpu_flags() or frozenset()
+    if not (cap and _pywrap_util_port.IsMklEnabled() and {"avx512f", "avx_ne_convert"} & flags):
+        return None
+    if cap[1] in ONEDNN_ISAS_WITHOUT_BFLOAT16 or (
+        cap[1] == "AVX2_VNNI_2" and "avx_ne_convert" not in flags
+    ):
+        return (
+            f"{cap[0]}={cap[1]} leaves oneDNN without bfloat16 convolutions, which TensorFlow "
+            "still hands it on this CPU"
+        )
+    return None
+
+
+def onednn_isa_cap() -> tuple[str, str] | None:
+    """(variable, value upper-cased) of oneDNN's instruction-set cap where the environment
+    sets one (``ONEDNN_MAX_CPU_ISA``, or its older name ``DNNL_MAX_CPU_ISA``), else None."""
+    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        value = os.environ.get(name, "").strip()
+        if value:
+            return name, value.upper()
     return None
 
 

@@ -13,10 +13,15 @@
   (``--dist loadfile``) in this order (``--no-loadscope-reorder``; by default it orders
   them by their number of tests), so that the long ones start first and the many short
   ones even out the end, instead of one worker running a long module alone at the end.
+* ``seeded``: every test starts from the same random state, so its random networks and
+  data do not depend on which tests ran before it on its worker (``-k``, ``-n``, the
+  modules' order): a failure reproduces, and a check that holds for most draws but
+  not all cannot pass one run and fail the next.
 """
 
 from __future__ import annotations
 
+import keras
 import pytest
 
 NUMERICS = (
@@ -94,3 +99,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if item.nodeid.startswith(NUMERICS):
             item.add_marker(pytest.mark.numerics)
     items.sort(key=_rank)  # stable: within a module, and among the rest, the file order
+
+
+@pytest.fixture(autouse=True)
+def seeded() -> None:
+    keras.utils.set_random_seed(0)

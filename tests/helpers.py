@@ -11,7 +11,9 @@ from pathlib import Path
 
 import keras
 import numpy as np
+import pytest
 
+from deeplab_tf.precision import bfloat16_cannot_run
 from tests.tolerances import network_rtol, sum_bound
 
 BASE_LAYER_CONFIG_KEYS = set(keras.layers.Layer().get_config())
@@ -62,6 +64,16 @@ def run_layer_checks(
     # layers' O(1) outputs (1e-5 is 84 eps); callers with larger outputs pass atol.
     np.testing.assert_allclose(np.asarray(loaded(batch, training=False)), expected, atol=atol)
     assert type(loaded.layers[-1]) is type(layer)
+
+
+ROOT = Path(__file__).resolve().parents[1]  # the checkout
+
+# For tests that compute in bfloat16: where oneDNN's instruction-set cap leaves it no
+# bfloat16 convolution (``precision.bfloat16_cannot_run``) nothing can compute it; the
+# package's own answer there is tested in test_folding and test_training.
+needs_bfloat16 = pytest.mark.skipif(
+    bfloat16_cannot_run() is not None, reason=f"bfloat16 cannot run: {bfloat16_cannot_run()}"
+)
 
 
 def assert_close_relative(actual, expected, rtol: float, varies: bool = True) -> None:

@@ -12,9 +12,8 @@ import tomllib
 from PIL import Image
 
 from deeplab_tf.console import VERBOSE_ENV, is_tensorflow_log_line
-from tests.helpers import tiny_model, write_model_dir
+from tests.helpers import ROOT, tiny_model, write_model_dir
 
-ROOT = Path(__file__).resolve().parents[1]
 # No TF_CPP_MIN_LOG_LEVEL: a user's shell does not set it.
 ENV = {
     **{k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", VERBOSE_ENV)},

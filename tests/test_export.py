@@ -39,7 +39,13 @@ from deeplab_tf.export import (
 )
 from deeplab_tf.inference import Predictor
 from deeplab_tf.losses import SoftmaxCrossEntropy
-from tests.helpers import assert_close_relative, calibrate_batch_norm, trained_in_mixed_bfloat16
+from tests.helpers import (
+    ROOT,
+    assert_close_relative,
+    calibrate_batch_norm,
+    needs_bfloat16,
+    trained_in_mixed_bfloat16,
+)
 from tests.tolerances import (
     EPS32,
     assert_refinements_agree,
@@ -49,7 +55,6 @@ from tests.tolerances import (
     probability_atol,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
 SPEC = SPECS["shapes"]
 SIZE = 48  # shapes images and the TFLite input size
 STEPS = 80  # training steps of the shared model
@@ -505,6 +510,7 @@ def test_v3_model_through_tflite_and_keras(tmp_path, trained_in):
     assert_close_relative(reloaded(images, training=False), logits, rtol)
 
 
+@needs_bfloat16
 def test_bfloat16_predictor_and_savedmodel_agree_with_float32(
     model, val_images, tmp_path, monkeypatch
 ):

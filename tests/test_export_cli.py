@@ -11,9 +11,7 @@ import numpy as np
 import pytest
 
 import export
-from tests.helpers import tiny_model, write_model_dir
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT, tiny_model, write_model_dir
 
 
 @pytest.fixture(scope="module")

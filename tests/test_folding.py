@@ -2,21 +2,31 @@
 inference precision (``deeplab_tf.precision``): the folded copy against the model as
 trained, the fold against numpy, what must not be folded, bfloat16 and its fallback."""
 
+import json
 import logging
+import os
+import subprocess
+import sys
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from deeplab_tf import build_model
+from deeplab_tf import build_model, precision
 from deeplab_tf.export.bundle import keras_model_for_apps
 from deeplab_tf.folding import count_batch_norms, fold_batch_norm, in_precision
 from deeplab_tf.inference import InferenceError, Predictor
 from deeplab_tf.layers import AtrousSeparableConv2D, ConvBNReLU, FoldableBatchNormalization
 from deeplab_tf.multiscale import MultiScaleInputs
 from deeplab_tf.precision import cpu_flags, resolve_precision
-from tests.helpers import assert_close_relative, calibrate_batch_norm, trained_in_mixed_bfloat16
+from tests.helpers import (
+    ROOT,
+    assert_close_relative,
+    calibrate_batch_norm,
+    needs_bfloat16,
+    trained_in_mixed_bfloat16,
+)
 from tests.tolerances import model_probability_atol, network_rtol
 
 rng = np.random.default_rng(3)
@@ -154,6 +164,7 @@ def test_fold_against_numpy_and_what_stays():
     )
 
 
+@needs_bfloat16
 def test_bfloat16_copy_computes_in_bfloat16_with_float32_variables():
     model = calibrate_batch_norm(
         build_model("deeplabv3plus-resnet10-cpu", 3, upsample_logits=False)
@@ -167,6 +178,7 @@ def test_bfloat16_copy_computes_in_bfloat16_with_float32_variables():
     assert count_batch_norms(copy) == {"folded": 21}
 
 
+@needs_bfloat16
 def test_multi_scale_model_gets_a_folded_network():
     """The v2 multi-scale wrapper is copied around a folded copy of its network: the
     same fused logits up to float32 rounding, and bfloat16 arithmetic in bfloat16."""
@@ -207,6 +219,7 @@ def _plain_convolutions() -> keras.Model:  # no batch norm: nothing to fold
     return keras.Model(inputs, keras.layers.Conv2D(3, 3, padding="same", name="b")(x))
 
 
+@needs_bfloat16
 @pytest.mark.parametrize("with_batch_norm", [False, True])
 def test_model_trained_in_bfloat16_runs_float32(with_batch_norm):
     """A model trained under ``mixed_bfloat16`` keeps that policy: its float32 copies
@@ -281,3 +294,80 @@ def test_cpu_flags_of_x86_and_arm(tmp_path):
     assert cpu_flags(x86) == {"fpu", "avx512f", "amx_bf16", "avx512_bf16"}
     assert cpu_flags(arm) == {"fp", "asimd", "bf16"}
     assert cpu_flags(tmp_path / "missing") is None
+
+
+ISA_CAPS = [
+    # (environment, CPU flags, fails, slow): what TensorFlow 2.21 does with a bfloat16
+    # convolution under oneDNN's cap (tested for real on this machine's CPU below).
+    ({}, {"avx512f", "avx512_bf16"}, False, False),
+    ({"ONEDNN_MAX_CPU_ISA": "AVX2"}, {"avx512f", "avx512_bf16"}, True, True),
+    ({"DNNL_MAX_CPU_ISA": "avx2_vnni"}, {"avx512f", "amx_bf16"}, True, True),
+    ({"ONEDNN_MAX_CPU_ISA": "AVX2_VNNI_2"}, {"avx512f", "avx512_bf16"}, True, True),
+    ({"ONEDNN_MAX_CPU_ISA": "AVX2_VNNI_2"}, {"avx_ne_convert", "avx512_bf16"}, False, True),
+    ({"ONEDNN_MAX_CPU_ISA": "avx512_core"}, {"avx512f", "avx512_bf16"}, False, True),
+    ({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}, {"avx512f", "avx512_bf16"}, False, False),
+    ({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_AMX"}, {"avx512f", "amx_bf16"}, False, False),
+    # No AVX-512: TensorFlow keeps bfloat16 on its own (Eigen) kernels, which run.
+    ({"ONEDNN_MAX_CPU_ISA": "AVX2"}, {"avx2"}, False, True),
+]
+
+
+@pytest.mark.parametrize("environment, flags, fails, slow", ISA_CAPS)
+def test_onednn_isa_cap_decides_bfloat16(monkeypatch, environment, flags, fails, slow):
+    from tensorflow.python.util import _pywrap_util_port
+
+    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset(flags))
+    monkeypatch.setattr(_pywrap_util_port, "IsMklEnabled", lambda: True)
+    cannot_run = precision.bfloat16_cannot_run.__wrapped__()
+    unavailable = precision.bfloat16_unavailable.__wrapped__()
+    cap = "=".join(precision.onednn_isa_cap() or ())
+    assert (cannot_run is not None) is fails and (unavailable is not None) is slow
+    if fails:
+        assert cannot_run.startswith(cap) and "bfloat16 convolutions" in cannot_run
+    if slow and flags & precision.BFLOAT16_CPU_FLAGS:
+        assert unavailable == f"{cap} keeps oneDNN below AVX512_CORE_BF16"
+    monkeypatch.setattr(_pywrap_util_port, "IsMklEnabled", lambda: False)
+    assert precision.bfloat16_cannot_run.__wrapped__() is None  # Eigen's kernels run it
+
+
+_CONVOLVE_IN_BFLOAT16 = """
+import json, tensorflow as tf
+from deeplab_tf.precision import bfloat16_cannot_run
+kernel = tf.ones([3, 3, 16, 16], tf.bfloat16)
+convolve = tf.function(lambda x: tf.nn.relu(tf.nn.conv2d(x, kernel, 1, "SAME")))
+try:
+    convolve(tf.ones([1, 8, 8, 16], tf.bfloat16)).numpy()
+    ran = True
+except tf.errors.OpError:
+    ran = False
+print(json.dumps([ran, bfloat16_cannot_run()]))
+"""
+
+
+def test_bfloat16_cannot_run_says_what_tensorflow_does_on_this_cpu():
+    """The rule above against TensorFlow itself: under each cap, a bfloat16 convolution
+    fails exactly where ``bfloat16_cannot_run`` says it will (on a CPU without AVX-512,
+    both say it runs)."""
+    caps = ("AVX2", "AVX512_CORE")
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _CONVOLVE_IN_BFLOAT16],
+            env={
+                **os.environ,
+                "ONEDNN_MAX_CPU_ISA": cap,
+                "TF_CPP_MIN_LOG_LEVEL": "3",
+                "PYTHONPATH": str(ROOT),
+            },
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        for cap in caps
+    ]
+    for cap, run in zip(caps, runs, strict=True):
+        ran, cannot_run = json.loads(run.communicate(timeout=120)[0].splitlines()[-1])
+        assert ran is (cannot_run is None), (cap, cannot_run)

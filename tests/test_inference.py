@@ -3,7 +3,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import keras
 import numpy as np
@@ -16,11 +15,10 @@ from deeplab_tf.inference import (
     model_at_output_stride,
     tile_starts,
 )
-from tests.helpers import TINY_RTOL, tiny_model, tiny_variant, write_model_dir
+from tests.helpers import ROOT, TINY_RTOL, tiny_model, tiny_variant, write_model_dir
 from tests.test_losses import numpy_bilinear_aligned
 from tests.tolerances import model_probability_atol, network_rtol, sum_to_one_atol
 
-ROOT = Path(__file__).resolve().parents[1]
 rng = np.random.default_rng(3)
 
 

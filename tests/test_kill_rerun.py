@@ -31,9 +31,8 @@ from tests.data_helpers import (
     write_jpeg,
     write_png,
 )
-from tests.helpers import tiny_model, write_model_dir
+from tests.helpers import ROOT, tiny_model, write_model_dir
 
-ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(ROOT)}
 # Every image at three times its size and flipped: about 20 ms per image here (one
 # scale: one tracing), so the killed subprocess is caught with 24 images (0.5 s) left.

@@ -17,7 +17,7 @@ from packaging.requirements import Requirement
 from PIL import Image
 
 import export as export_cli
-from tests.helpers import TINY_RTOL, tiny_model, write_model_dir
+from tests.helpers import ROOT, TINY_RTOL, tiny_model, write_model_dir
 from tests.tolerances import decided, model_probability_atol
 
 try:
@@ -25,7 +25,6 @@ try:
 except ModuleNotFoundError:  # Python 3.10: pytest's own TOML reader
     import tomli as tomllib
 
-ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 SCRIPTS = {"train", "evaluate", "predict", "export", "tune-crf", "describe"}
 

@@ -8,7 +8,7 @@ from PIL import Image
 import predict
 from deeplab_tf.data.specs import SPECS
 from deeplab_tf.inference import Predictor
-from tests.helpers import tiny_model, write_model_dir
+from tests.helpers import needs_bfloat16, tiny_model, write_model_dir
 from tests.tolerances import sum_to_one_atol
 
 rng = np.random.default_rng(11)
@@ -129,7 +129,7 @@ def test_no_dataset_gives_numbered_classes_and_voc_colours(model_dir, inputs, tm
         assert overlay.size == (35, 50)  # no legend beside it with --legend file
 
 
-@pytest.mark.parametrize("available", [True, False])
+@pytest.mark.parametrize("available", [pytest.param(True, marks=needs_bfloat16), False])
 def test_precision_flag(model_dir, inputs, tmp_path, capsys, caplog, monkeypatch, available):
     """--precision bfloat16 runs the network in bfloat16 where the CPU computes it;
     elsewhere float32, with one log line saying why (the summary says which ran)."""

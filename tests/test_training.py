@@ -23,9 +23,8 @@ from deeplab_tf.recipes import get_recipe
 from deeplab_tf.training import TrainConfig, TrainingError, check_config
 from deeplab_tf.training import run as training_run
 from deeplab_tf.training import train as run_training
-from tests.helpers import assert_close_relative, assert_tree_modes, umask
+from tests.helpers import ROOT, assert_close_relative, assert_tree_modes, needs_bfloat16, umask
 
-ROOT = Path(__file__).resolve().parents[1]
 # The quickstart's small ResNet: of the variants, the one that traces and trains
 # fastest on a CPU (12 batch norms in the backbone against MobileNetV2's 51).
 SMALL_VARIANT = "deeplabv3-resnet10-cpu"
@@ -182,6 +181,7 @@ def test_finished_run_is_not_overwritten(tiny_shapes, tmp_path):
     assert (model_dir / "results.json").read_text() == "{}"
 
 
+@needs_bfloat16
 def test_mixed_precision_trains_in_bfloat16_with_float32_weights(tiny_shapes, tmp_path):
     """--mixed-precision on a CPU: the v3+ model computes in bfloat16 (kept in its
     .keras file) with float32 variables and float32 logits, the loss falls, and the
@@ -233,6 +233,20 @@ class TestBadInput:
         code, err = self._run(capsys, "--model-dir", str(tmp_path / "m"), *args)
         assert code == 2
         assert len(err.splitlines()) == 1 and message in err, err
+
+    def test_mixed_precision_where_bfloat16_cannot_run(self, capsys, tmp_path, monkeypatch):
+        """Where oneDNN's cap leaves it no bfloat16 convolution, --mixed-precision is a
+        one-line error before anything is written (TensorFlow's own is an internal
+        "could not create a primitive descriptor" at the first step)."""
+        reason = "ONEDNN_MAX_CPU_ISA=AVX2 leaves oneDNN without bfloat16 convolutions"
+        monkeypatch.setattr(training_run, "bfloat16_cannot_run", lambda: reason)
+        model_dir = tmp_path / "m"
+        code, err = self._run(capsys, "--model-dir", str(model_dir), "--mixed-precision")
+        assert code == 2 and err == (
+            f"error: --mixed-precision: {reason}; raise or unset that cap, or train without "
+            "--mixed-precision"
+        ), err
+        assert not model_dir.exists()
 
     def test_data_dir_without_shards(self, capsys, tmp_path):
         empty = tmp_path / "empty"

@@ -22,6 +22,7 @@ from deeplab_tf.files import write_json_atomic
 from deeplab_tf.inference import Predictor
 from deeplab_tf.layers import normalization_mean
 from deeplab_tf.metrics import MeanIoU
+from deeplab_tf.precision import bfloat16_cannot_run
 from deeplab_tf.recipes import format_recipe
 from deeplab_tf.training.callbacks import (
     AtomicBackupAndRestore,
@@ -63,6 +64,12 @@ def _train(config: TrainConfig) -> dict[str, Any]:
     strategy = create_strategy(config.strategy)  # first: multi-worker needs a fresh runtime
     if config.mixed_precision:
         gpu = bool(tf.config.list_logical_devices("GPU"))
+        cannot_run = None if gpu else bfloat16_cannot_run()
+        if cannot_run:
+            raise TrainingError(
+                f"--mixed-precision: {cannot_run}; raise or unset that cap, or train without "
+                "--mixed-precision"
+            )
         keras.mixed_precision.set_global_policy("mixed_float16" if gpu else "mixed_bfloat16")
     replicas = strategy.num_replicas_in_sync
     check_config(config, replicas)
