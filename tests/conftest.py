@@ -16,7 +16,8 @@
 * ``seeded``: every test starts from the same random state, so its random networks and
   data do not depend on which tests ran before it on its worker (``-k``, ``-n``, the
   modules' order): a failure reproduces, and a check that holds for most draws but
-  not all cannot pass one run and fail the next.
+  not all cannot pass one run and fail the next. Module- and class-scoped fixtures are
+  made before it; those that draw seed themselves (``tests.helpers.tiny_model`` does).
 """
 
 from __future__ import annotations
