@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -21,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import tensorflow as tf
 
+from bench.machine import describe_machine
 from deeplab_tf.layers import ATROUS_IMPLEMENTATIONS, AtrousConv2D
 
 # (input shape, output channels, rates): the ASPP branches of DeepLab v3 at OS8
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--implementations", default=",".join(ATROUS_IMPLEMENTATIONS))
     args = parser.parse_args(argv)
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    machine = describe_machine()
     devices = [d.device_type for d in tf.config.list_physical_devices()]
     for shape, filters, rates in CASES:
         x = tf.random.normal(shape)

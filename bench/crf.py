@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -42,6 +41,7 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
+from bench.machine import describe_machine
 from deeplab_tf import crf
 from deeplab_tf.crf.lattice import build_lattice
 from deeplab_tf.crf.mean_field import kernel_features
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.agreement:
         return _agreement(args.agreement)
     params = crf.CRFParams()
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    machine = describe_machine()
     devices = [d.device_type for d in tf.config.list_physical_devices()]
     for h, w, num_classes in QUICK_CASES if args.quick else CASES:
         image, probabilities = synthetic_case(h, w, num_classes)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -29,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np
 import tensorflow as tf
 
+from bench.machine import describe_machine
 from deeplab_tf import export
 from deeplab_tf.data import pipeline
 from deeplab_tf.evaluation import Evaluator
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                 "label_agreement": round(same / sum(r.size for r in reference), 5),
                 "ms_per_image": round(median_ms(run, [p[0] for p in pairs[:10]], args.repeats), 2),
                 "input_size": list(size),
-                "machine": platform.machine(),
+                "machine": describe_machine(),
                 "cpus": os.cpu_count(),
             }
             print(json.dumps(line), flush=True)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -35,6 +34,7 @@ import keras
 import tensorflow as tf
 from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
+from bench.machine import describe_machine
 from deeplab_tf import VARIANTS, build_model
 from deeplab_tf.folding import fold_batch_norm
 
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     strides = [int(s) for s in args.output_strides.split(",")]
     jits = {"off": [False], "on": [True], "both": [False, True]}[args.jit]
     machine = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "machine": describe_machine(),
         "devices": [d.device_type for d in tf.config.list_physical_devices()],
         "tensorflow": tf.__version__,
     }

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import signal
 import subprocess
@@ -35,6 +34,10 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.machine import describe_machine  # noqa: E402
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # this process reads shards too
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 # What a rerun says when it continues (training, partial jobs, builders, make_shapes).
@@ -110,7 +113,6 @@ def _run(command: list[str], kill_after: float | None = None) -> tuple[int, str,
 
 def prepare(work: Path) -> dict[str, tuple[list[str], Path, Callable[[], None]]]:
     """The jobs: (command, output to compare, reset before each run)."""
-    sys.path.insert(0, str(ROOT))
     from PIL import Image
 
     py = sys.executable
@@ -201,16 +203,6 @@ def same(job: str, reference: object, output: Path) -> bool:
     return _tree(output) == reference
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--points", type=int, default=5, help="kill moments per job")
@@ -220,7 +212,7 @@ def main() -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="deeplab-kill-"))
     jobs = prepare(work)
     chosen = args.jobs.split(",") if args.jobs else list(jobs)
-    machine = {"machine": _cpu_name(), "cpus": os.cpu_count()}
+    machine = {"machine": describe_machine()}
     for job in chosen:
         command, output, reset = jobs[job]
         reset()

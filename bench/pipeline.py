@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -22,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import tensorflow as tf
 
+from bench.machine import describe_machine
 from deeplab_tf.data import pipeline, shapes
 
 
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     data_dir = shapes.ensure_shapes_tfrecords(args.data_dir)
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    machine = describe_machine()
     for crop in (int(c) for c in args.crops.split(",")):
         ds = pipeline.train_dataset(data_dir, "train", batch_size=args.batch_size, crop_size=crop)
         batches = iter(ds)

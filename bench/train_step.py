@@ -25,7 +25,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -38,6 +37,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from bench.machine import describe_machine
 from deeplab_tf.layers import FoldableBatchNormalization
 from deeplab_tf.recipes import paper_recipe
 from deeplab_tf.training.config import TrainConfig
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     for form in forms:
         if form not in BATCH_NORMS:
             parser.error(f"--batch-norm: {form!r} is not one of {', '.join(BATCH_NORMS)}")
-    machine = f"{platform.processor() or platform.machine()}, {len(os.sched_getaffinity(0))} cores"
+    machine = describe_machine()
     for variant in args.variants.split(","):
         records = {}
         for form in forms:

@@ -23,13 +23,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.machine import describe_machine  # noqa: E402
+
 TORCHVISION_CASES = (
     "r101_os16_infer",
     "r101_os8_infer",
@@ -108,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         return statistics.fmean(r[side][key]["median_s"] for r in rounds)
 
     machine = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "machine": describe_machine(),
         "cores_used": 1 if args.one_core else os.cpu_count(),
         "rounds": args.rounds,
         "torchvision": rounds[0]["theirs"][TORCHVISION_CASES[0]]["version"],
