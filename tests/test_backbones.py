@@ -196,19 +196,34 @@ class TestFeatureInfo:
 
 class TestWeights:
     def test_weights_file_round_trip(self, tmp_path):
-        """A keras.applications weights file fills the backbone by layer name."""
+        """A keras.applications weights file fills the backbone by layer name; each
+        convolution's bias, which ours leave out, moves into the batch norm after it:
+        moving mean m - b (exact: one float32 subtraction, done the same way here)."""
         source = keras.applications.ResNet50(weights=None, include_top=False)
         calibrate_batch_norm(source)
+        for layer in source.layers:  # He-initialised biases are zero: make them count
+            if isinstance(layer, keras.layers.Conv2D):
+                layer.bias.assign(rng.normal(0, 1, layer.bias.shape))
         path = tmp_path / "resnet50_notop.weights.h5"
         source.save_weights(path)
         ours = build_backbone("resnet50", output_stride=16, weights=str(path))
-        for name in ("conv1_conv", "conv4_block6_2_conv", "conv5_block3_3_bn"):
-            for a, b in zip(
-                ours.get_layer(name).get_weights(),
-                source.get_layer(name).get_weights(),
-                strict=True,
-            ):
+        for prefix in ("conv1", "conv4_block6_2", "conv5_block3_3"):
+            kernel, bias = source.get_layer(f"{prefix}_conv").get_weights()
+            (ours_kernel,) = ours.get_layer(f"{prefix}_conv").get_weights()
+            np.testing.assert_array_equal(ours_kernel, kernel)
+            gamma, beta, mean, variance = source.get_layer(f"{prefix}_bn").get_weights()
+            got = ours.get_layer(f"{prefix}_bn").get_weights()
+            for a, b in zip(got, [gamma, beta, mean - bias, variance], strict=True):
                 np.testing.assert_array_equal(a, b)
+            assert np.abs(bias).max() > 0.1  # the moved bias is not nothing
+
+    def test_a_bias_without_a_batch_norm_to_take_it_is_an_error(self):
+        source = keras.Sequential([keras.Input((4, 4, 3)), keras.layers.Conv2D(2, 1, name="c")])
+        target = keras.Sequential(
+            [keras.Input((4, 4, 3)), keras.layers.Conv2D(2, 1, use_bias=False, name="c")]
+        )
+        with pytest.raises(ValueError, match="'c' has no bias for the source's"):
+            transfer_weights(source, target)
 
     def test_mobilenet_v2_fills_every_layer_but_the_last_conv(self):
         source = keras.applications.MobileNetV2(weights=None, include_top=False, alpha=0.5)

@@ -85,15 +85,16 @@ def _bn(c):
 
 
 def _resnet_params(units):
-    total = _conv(7, 3, 64) + _bn(64)
+    # Every convolution is followed by a batch norm and has no bias (resnet.py).
+    conv_bn = lambda k, cin, cout: _conv(k, cin, cout, bias=False) + _bn(cout)  # noqa: E731
+    total = conv_bn(7, 3, 64)
     cin = 64
     for filters, n in zip((64, 128, 256, 512), units, strict=True):
         for unit in range(n):
             if unit == 0:
-                total += _conv(1, cin, 4 * filters) + _bn(4 * filters)
-            total += _conv(1, cin, filters) + _bn(filters)
-            total += _conv(3, filters, filters) + _bn(filters)
-            total += _conv(1, filters, 4 * filters) + _bn(4 * filters)
+                total += conv_bn(1, cin, 4 * filters)
+            total += conv_bn(1, cin, filters) + conv_bn(3, filters, filters)
+            total += conv_bn(1, filters, 4 * filters)
             cin = 4 * filters
     return total
 

@@ -46,6 +46,7 @@ def transfer_weights(source: keras.Model, target: keras.Model) -> TransferReport
     source_layers = _layers_with_weights(source)
     target_layers = _layers_with_weights(target)
     report = TransferReport()
+    biases = {}  # target convolution -> the source's bias it has no place for
     for name, layer in target_layers.items():
         if name not in source_layers:
             report.missing.append(name)
@@ -53,12 +54,16 @@ def transfer_weights(source: keras.Model, target: keras.Model) -> TransferReport
         values = source_layers[name].get_weights()
         expected = [tuple(w.shape) for w in layer.weights]
         got = [tuple(v.shape) for v in values]
-        if expected != got:
+        if got == [*expected, (expected[0][-1],)] and getattr(layer, "use_bias", True) is False:
+            biases[name] = values.pop()
+        elif expected != got:
             raise ValueError(
                 f"layer {name!r}: source weights have shapes {got}, target expects {expected}"
             )
         layer.set_weights(values)
         report.filled.append(name)
+    for name, bias in biases.items():
+        _bias_into_batch_norm(target_layers[name], bias)
     report.unused = [name for name in source_layers if name not in target_layers]
     if report.missing:
         logger.warning(
@@ -69,6 +74,21 @@ def transfer_weights(source: keras.Model, target: keras.Model) -> TransferReport
             ", ".join(report.missing),
         )
     return report
+
+
+def _bias_into_batch_norm(conv: keras.layers.Layer, bias) -> None:
+    """Moves a bias that ``conv`` (without one) was given into the batch norm that reads
+    its output: BN(conv + b) with moving mean m is BN(conv) with moving mean m - b, and
+    in training the batch mean absorbs b alike. keras.applications' ResNets add such
+    biases, which their batch norms cancel; ours leave them out (a training step 5 %
+    faster: no bias gradients)."""
+    readers = {id(node.operation): node.operation for node in conv._outbound_nodes}
+    reader = next(iter(readers.values())) if len(readers) == 1 else None
+    if not isinstance(reader, keras.layers.BatchNormalization) or reader.center is False:
+        raise ValueError(
+            f"layer {conv.name!r} has no bias for the source's and no batch norm after it"
+        )
+    reader.moving_mean.assign(reader.moving_mean.numpy() - bias)
 
 
 def keras_application(arch: str, weights: str | None, alpha: float = 1.0) -> keras.Model:
