@@ -33,11 +33,10 @@ ONEDNN_ISAS_EMULATING_BFLOAT16 = ("AVX512_CORE", "AVX512_CORE_VNNI")
 @functools.cache
 def bfloat16_unavailable() -> str | None:
     """Why this machine does not run bfloat16 inference fast, or None when it does."""
-    try:
-        from tensorflow.python.util import _pywrap_util_port
-    except ImportError:
+    onednn = _onednn_enabled()
+    if onednn is None:
         return "this TensorFlow build does not say whether its oneDNN kernels are on"
-    if not _pywrap_util_port.IsMklEnabled():
+    if not onednn:
         return "TensorFlow's oneDNN kernels are off (TF_ENABLE_ONEDNN_OPTS=0)"
     flags = cpu_flags()
     if flags is None:
@@ -55,13 +54,9 @@ def bfloat16_unavailable() -> str | None:
 def bfloat16_cannot_run() -> str | None:
     """Why TensorFlow fails on bfloat16 convolutions on this machine (see
     ``ONEDNN_ISAS_WITHOUT_BFLOAT16``), or None where they run, fast or emulated."""
-    try:
-        from tensorflow.python.util import _pywrap_util_port
-    except ImportError:
-        return None
     cap = onednn_isa_cap()
     flags = cpu_flags() or frozenset()
-    if not (cap and _pywrap_util_port.IsMklEnabled() and {"avx512f", "avx_ne_convert"} & flags):
+    if not (cap and _onednn_enabled() and {"avx512f", "avx_ne_convert"} & flags):
         return None
     if cap[1] in ONEDNN_ISAS_WITHOUT_BFLOAT16 or (
         cap[1] == "AVX2_VNNI_2" and "avx_ne_convert" not in flags
@@ -71,6 +66,15 @@ def bfloat16_cannot_run() -> str | None:
             "still hands it on this CPU"
         )
     return None
+
+
+def _onednn_enabled() -> bool | None:
+    """Whether TensorFlow's oneDNN kernels are on; None where the build does not say."""
+    try:
+        from tensorflow.python.util import _pywrap_util_port
+    except ImportError:
+        return None
+    return bool(_pywrap_util_port.IsMklEnabled())
 
 
 def onednn_isa_cap() -> tuple[str, str] | None:

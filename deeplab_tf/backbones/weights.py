@@ -84,7 +84,7 @@ def _bias_into_batch_norm(conv: keras.layers.Layer, bias) -> None:
     faster: no bias gradients)."""
     readers = {id(node.operation): node.operation for node in conv._outbound_nodes}
     reader = next(iter(readers.values())) if len(readers) == 1 else None
-    if not isinstance(reader, keras.layers.BatchNormalization) or reader.center is False:
+    if not isinstance(reader, keras.layers.BatchNormalization):
         raise ValueError(
             f"layer {conv.name!r} has no bias for the source's and no batch norm after it"
         )
