@@ -1,6 +1,7 @@
 """Times the atrous convolution implementations (not a test).
 
-    python bench/atrous.py [--repeats 7] [--implementations dilated,space_to_batch,direct]
+    python bench/atrous.py [--repeats 7] [--implementations dilated,space_to_batch,direct,taps]
+    python bench/atrous.py --precision bfloat16 --implementations direct,taps
 
 Prints one JSON line per (shape, rate, implementation, pass): the median
 milliseconds of ``--repeats`` runs after one warm-up, for the forward pass and
@@ -22,12 +23,15 @@ import tensorflow as tf
 
 from bench.machine import describe_machine
 from deeplab_tf.layers import ATROUS_IMPLEMENTATIONS, AtrousConv2D
+from deeplab_tf.precision import DTYPE_POLICIES
 
-# (input shape, output channels, rates): the ASPP branches of DeepLab v3 at OS8
-# on a 513 crop, and a rate-2 block of a ResNet at OS8.
+# (input shape, output channels, rates): the ASPP branches of DeepLab v3 on a 513 crop
+# at OS8 (rates 12, 24, 36; 6 and 18 as well) and OS16, and rate-2 blocks of a ResNet.
 CASES = (
-    ((1, 65, 65, 2048), 256, (6, 12, 18, 24)),
+    ((1, 65, 65, 2048), 256, (6, 12, 18, 24, 36)),
+    ((1, 33, 33, 2048), 256, (6, 12, 18)),
     ((1, 129, 129, 512), 512, (2,)),
+    ((1, 65, 65, 256), 256, (2,)),
 )
 
 
@@ -45,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--implementations", default=",".join(ATROUS_IMPLEMENTATIONS))
+    parser.add_argument("--precision", choices=list(DTYPE_POLICIES), default="float32")
     args = parser.parse_args(argv)
     machine = describe_machine()
     devices = [d.device_type for d in tf.config.list_physical_devices()]
@@ -52,7 +57,13 @@ def main(argv: list[str] | None = None) -> int:
         x = tf.random.normal(shape)
         for rate in rates:
             for implementation in args.implementations.split(","):
-                layer = AtrousConv2D(filters, 3, rate=rate, implementation=implementation)
+                layer = AtrousConv2D(
+                    filters,
+                    3,
+                    rate=rate,
+                    implementation=implementation,
+                    dtype=DTYPE_POLICIES[args.precision],
+                )
                 layer.build(shape)
 
                 @tf.function
@@ -77,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
                                 "rate": rate,
                                 "implementation": implementation,
                                 "pass": name,
+                                "precision": args.precision,
                                 "median_ms": round(ms, 2),
                                 "repeats": args.repeats,
                                 "devices": devices,

@@ -6,9 +6,10 @@
 
 Each variant runs in the ``--forms`` asked for: ``keras``, the model as built (Keras's
 batch norm); ``folded``, the copy the Predictor runs (batch norm folded into the
-convolutions, ``deeplab_tf.folding``); ``bfloat16``, that copy computing in bfloat16
-(``--precision bfloat16``). ``speedup_vs_keras`` is each form's rate over the
-``keras`` form's in the same run (when both are asked for).
+convolutions, ``deeplab_tf.folding.inference_copy``); ``bfloat16``, that copy computing
+in bfloat16 (``--precision bfloat16``; its ASPP's atrous branches tap by tap).
+``speedup_vs_keras`` is each form's rate over the ``keras`` form's in the same run (when
+both are asked for).
 
 Prints one JSON line per (model, output stride, jit_compile): the median seconds of
 ``--repeats`` forward passes of a [batch, size, size, 3] input after a warm-up
@@ -36,7 +37,7 @@ from tensorflow.python.framework.convert_to_constants import convert_variables_t
 
 from bench.machine import describe_machine
 from deeplab_tf import VARIANTS, build_model
-from deeplab_tf.folding import fold_batch_norm
+from deeplab_tf.folding import inference_copy
 
 FORMS = ("keras", "folded", "bfloat16")
 
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             flops = graph_flops(model, args.batch, args.size)
             keras_rates = None
             for form in forms:
-                network = model if form == "keras" else fold_batch_norm(
+                network = model if form == "keras" else inference_copy(
                     model, "bfloat16" if form == "bfloat16" else "float32"
                 )  # fmt: skip
                 rates = report(name, stride, network, flops, reference_rate, form, keras_rates)

@@ -18,7 +18,7 @@ import keras
 import numpy as np
 from keras import layers
 
-from deeplab_tf.layers import AtrousConv2D, AtrousSeparableConv2D, ConvBNReLU
+from deeplab_tf.layers import ASPP, AtrousConv2D, AtrousSeparableConv2D, ConvBNReLU
 from deeplab_tf.layers.normalization import FoldableBatchNormalization
 from deeplab_tf.multiscale import MultiScaleInputs
 from deeplab_tf.precision import DTYPE_POLICIES
@@ -36,7 +36,28 @@ class FoldPair(NamedTuple):
     bias: np.ndarray | None  # the convolution's own bias, which the fold removes
 
 
-def fold_batch_norm(model: keras.Model, precision: str = "float32") -> keras.Model:
+# The ASPP's atrous branches in the inference copy, by precision: in bfloat16 one 1x1
+# convolution per kernel tap over the pixels it reads inside the map (``sum_of_taps``).
+# At the ASPP's rates most of a dilated kernel's reads are padding, which oneDNN's
+# dilated bfloat16 convolutions pay for: on a Xeon with AMX the branches ran 3-20x
+# faster as taps, the whole deeplabv3 1.9x at OS8 and 1.25x at OS16 (README,
+# Benchmarks). In float32 the two forms were within 5% of each other either way, so
+# float32 keeps the model's. The backbone's dilated convolutions, at small rates on
+# larger maps, stay as they are in both: there the dilated kernels are faster.
+ASPP_IMPLEMENTATION_FOR_INFERENCE = {"bfloat16": "taps"}
+
+
+def inference_copy(model: keras.Model, precision: str = "float32") -> keras.Model:
+    """What the Predictor and the SavedModel run: ``fold_batch_norm``'s copy of
+    ``model`` in ``precision``, with the ASPP's 3x3 atrous branches in the
+    implementation ``ASPP_IMPLEMENTATION_FOR_INFERENCE`` gives that precision; the same
+    outputs up to rounding."""
+    return fold_batch_norm(model, precision, ASPP_IMPLEMENTATION_FOR_INFERENCE.get(precision))
+
+
+def fold_batch_norm(
+    model: keras.Model, precision: str = "float32", aspp_implementation: str | None = None
+) -> keras.Model:
     """A copy of ``model`` with every batch norm that follows a convolution folded into
     it (see the module docstring), computing in ``precision`` (``PRECISIONS``; the
     variables stay float32); in float32, the same outputs up to rounding.
@@ -47,9 +68,10 @@ def fold_batch_norm(model: keras.Model, precision: str = "float32") -> keras.Mod
     ``MultiScaleInputs`` model (v2's MSC) gets a folded copy of its network. ``model``
     itself comes back only when there is nothing to change: no batch norm and every
     layer already in ``precision`` (a model trained in mixed precision is copied to
-    float32). The copy is for inference, not for training or saving: its folded batch
-    norms normalise nothing, and the composite layers' inner batch norms do not record
-    that they are folded.
+    float32). ``aspp_implementation``, when given, is the atrous implementation of the
+    copy's ``ASPP`` branches that are not separable. The copy is for inference, not for
+    training or saving: its folded batch norms normalise nothing, and the composite
+    layers' inner batch norms do not record that they are folded.
 
     Raises:
         ValueError: ``model`` is itself a folded copy, or neither functional nor
@@ -60,7 +82,7 @@ def fold_batch_norm(model: keras.Model, precision: str = "float32") -> keras.Mod
     if not count_batch_norms(model) and _computes_in(model, precision):
         return model
     if isinstance(model, MultiScaleInputs):
-        return _with_base(model, fold_batch_norm(model.base, precision))
+        return _with_base(model, fold_batch_norm(model.base, precision, aspp_implementation))
     _require_functional(model)
     pairs_before = _functional_pairs(model)
     paired_convolutions = {id(conv) for conv, _ in pairs_before}
@@ -70,6 +92,8 @@ def fold_batch_norm(model: keras.Model, precision: str = "float32") -> keras.Mod
             config["use_bias"] = False  # its bias moves into the batch norm's offset
         if isinstance(layer, layers.BatchNormalization):
             return FoldableBatchNormalization.from_config(config)
+        if aspp_implementation and isinstance(layer, ASPP) and not config["separable"]:
+            config["implementation"] = aspp_implementation
         return layer.__class__.from_config(config)
 
     copy, clones = _copy(model, precision, change)

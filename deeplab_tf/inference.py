@@ -20,7 +20,8 @@ and turns an RGB image of any size into probabilities:
   image at once.
 
 **speed**: the network runs as a copy with its batch norms folded into the convolutions
-before them (``folding.fold_batch_norm``; equal up to float32 rounding), in float32 or,
+before them and the ASPP's atrous branches computed tap by tap (``folding.inference_copy``;
+equal up to float32 rounding), in float32 or,
 with ``precision="bfloat16"`` on a CPU that computes it, in bfloat16 (``precision``);
 the logits are cast to float32 before the resize and the softmax.
 
@@ -50,7 +51,7 @@ import numpy as np
 import tensorflow as tf
 
 from deeplab_tf.backbones import transfer_weights
-from deeplab_tf.folding import fold_batch_norm
+from deeplab_tf.folding import inference_copy
 from deeplab_tf.layers import ResizeBilinear, resize_bilinear_aligned
 from deeplab_tf.losses import resize_logits_bilinear
 from deeplab_tf.model import build_model
@@ -358,7 +359,7 @@ class Predictor:
     def _compile(self) -> None:
         """The functions that run ``model`` in ``precision``."""
         try:
-            network = fold_batch_norm(self.model, self.precision)
+            network = inference_copy(self.model, self.precision)
         except ValueError as error:
             raise InferenceError(str(error)) from None
         # Only the model is XLA-compiled: XLA's CPU bilinear resize with aligned corners

@@ -15,9 +15,14 @@ import tensorflow as tf
 
 from deeplab_tf import build_model, precision
 from deeplab_tf.export.bundle import keras_model_for_apps
-from deeplab_tf.folding import count_batch_norms, fold_batch_norm, in_precision
+from deeplab_tf.folding import count_batch_norms, fold_batch_norm, in_precision, inference_copy
 from deeplab_tf.inference import InferenceError, Predictor
-from deeplab_tf.layers import AtrousSeparableConv2D, ConvBNReLU, FoldableBatchNormalization
+from deeplab_tf.layers import (
+    ASPP,
+    AtrousSeparableConv2D,
+    ConvBNReLU,
+    FoldableBatchNormalization,
+)
 from deeplab_tf.multiscale import MultiScaleInputs
 from deeplab_tf.precision import cpu_flags, resolve_precision
 from tests.helpers import (
@@ -95,6 +100,40 @@ def test_folded_copy_equals_the_model(variant, layers, terms):
         fold_batch_norm(folded)
     for a, b in zip(model.get_weights(), before, strict=True):  # the model is untouched
         np.testing.assert_array_equal(a, b)
+
+
+def _aspp_implementations(model: keras.Model) -> set[str]:
+    return {
+        branch.conv.implementation
+        for layer in model._flatten_layers(include_self=False, recursive=True)
+        if isinstance(layer, ASPP)
+        for branch in layer.branches
+        if isinstance(branch, ConvBNReLU) and branch.rate > 1
+    }
+
+
+@pytest.mark.parametrize("size", [(61, 47), (161, 129)])
+def test_aspp_tap_by_tap_equals_the_model(size):
+    """``fold_batch_norm`` with the ASPP's atrous branches as taps (what
+    ``inference_copy`` runs in bfloat16): the model's logits up to float32 rounding, as
+    in the test above (the taps reorder a branch's 9 x 128 terms, which the same bound
+    covers). 61x47 gives a 4x3 map at OS16, where every tap of rates 6, 12 and 18 but
+    the centre reads only padding; 161x129 an 11x9 map, where rate 6 reads inside it."""
+    images = rng.uniform(0, 255, (2, *size, 3)).astype("float32")
+    model = build_model("deeplabv3-resnet10-cpu", 5, upsample_logits=False)
+    model = calibrate_batch_norm(model, images=images)
+    copy = fold_batch_norm(model, aspp_implementation="taps")
+    assert _aspp_implementations(model) == {"direct"} and _aspp_implementations(copy) == {"taps"}
+    total = len(_batch_norm_weights(model)) // 4
+    assert count_batch_norms(copy) == {"folded": total}
+    expected = model(images, training=False)
+    assert_close_relative(copy(images, training=False), expected, network_rtol(12, 9 * 128))
+
+
+def test_inference_copy_runs_the_aspp_tap_by_tap_in_bfloat16_only():
+    model = build_model("deeplabv3-resnet10-cpu", 5)
+    assert _aspp_implementations(inference_copy(model)) == {"direct"}
+    assert _aspp_implementations(inference_copy(model, "bfloat16")) == {"taps"}
 
 
 @pytest.mark.parametrize("variant", ["deeplabv3-mobilenetv2-cpu", "deeplabv3plus-xception65"])

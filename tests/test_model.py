@@ -223,7 +223,7 @@ class TestBadArguments:
             ),
             (
                 lambda: build_model(TINY, 3, atrous_implementation="winograd"),
-                r"implementation must be one of \['dilated', 'space_to_batch', 'direct'\]",
+                r"implementation must be one of \['dilated', 'space_to_batch', 'direct', 'taps'\]",
             ),
         ],
         ids=["variant", "output_stride", "num_classes", "multi_grid", "backbone", "implementation"],

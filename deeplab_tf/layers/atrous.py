@@ -1,4 +1,4 @@
-"""Atrous (dilated) convolution, ``AtrousConv2D``, in three implementations that share
+"""Atrous (dilated) convolution, ``AtrousConv2D``, in four implementations that share
 weights, and ``ConvBNReLU``."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from keras import initializers, layers, ops, regularizers
 from deeplab_tf.layers.base import check_choice, check_positive_int, register
 from deeplab_tf.layers.normalization import batch_norm
 
-ATROUS_IMPLEMENTATIONS = ("dilated", "space_to_batch", "direct")
+ATROUS_IMPLEMENTATIONS = ("dilated", "space_to_batch", "direct", "taps")
 
 
 @functools.cache
@@ -81,18 +81,84 @@ def direct_atrous_conv2d(x, kernel, rate: int, padding: str, native_backprop: bo
     return conv(x, kernel)
 
 
+def sum_of_taps(x, kernel, rate: int, padding: str, tap, channels: int) -> tf.Tensor:
+    """y[p] = sum_k tap(x[p + rate k - before], kernel[k]) at stride 1, one kernel tap
+    at a time over the part of the image that the tap reads inside it.
+
+    Each tap is a product over channels (``tap(crop, kernel[i:i+1, j:j+1])``: a 1x1
+    convolution, or a per-channel product for depthwise kernels) of the input rows
+    and columns it reads, written back at its place in the ``channels``-wide output;
+    a tap that would read only padding (a rate near the map's size) costs nothing.
+    Where the atrous rate is large against the map, as in the ASPP, most of a dilated
+    kernel's reads are padding, which oneDNN's dilated convolutions still pay for (see
+    README, Benchmarks). Taps are summed in float32 whatever the compute dtype, so that
+    bfloat16 rounds once per tap and not per partial sum.
+    """
+    k_h, k_w = kernel.shape[0], kernel.shape[1]
+    shape = tf.shape(x)
+    h, w = shape[1], shape[2]
+    if padding.lower() == "same":
+        out_h, out_w = h, w
+        before_h, before_w = (k_h - 1) * rate // 2, (k_w - 1) * rate // 2
+    else:
+        out_h, out_w = h - (k_h - 1) * rate, w - (k_w - 1) * rate
+        before_h = before_w = 0
+    total = tf.zeros(tf.stack([shape[0], out_h, out_w, channels]), tf.float32)
+    for i in range(k_h):
+        dy = i * rate - before_h
+        # Output rows [top, bottom) read input rows [top + dy, bottom + dy) in [0, h).
+        top = tf.clip_by_value(-dy, 0, out_h)
+        bottom = tf.clip_by_value(h - dy, top, out_h)
+        for j in range(k_w):
+            dx = j * rate - before_w
+            left = tf.clip_by_value(-dx, 0, out_w)
+            right = tf.clip_by_value(w - dx, left, out_w)
+
+            def add_tap(total=total, i=i, j=j, dy=dy, dx=dx, top=top, bottom=bottom,
+                        left=left, right=right):  # fmt: skip
+                crop = tf.slice(
+                    x, [0, top + dy, left + dx, 0], [-1, bottom - top, right - left, -1]
+                )
+                y = tf.cast(tap(crop, kernel[i : i + 1, j : j + 1]), tf.float32)
+                return total + tf.pad(
+                    y, [[0, 0], [top, out_h - bottom], [left, out_w - right], [0, 0]]
+                )
+
+            # Never a product of an empty crop: TensorFlow's convolutions return the
+            # wrong shape (oneDNN) or an uninitialised kernel gradient (Eigen) for one.
+            total = tf.cond((bottom > top) & (right > left), add_tap, lambda total=total: total)
+    total = tf.cast(total, x.dtype)
+    if x.shape.rank == 4:  # the sizes are tensors: restore what is known statically
+        shrink = (0, 0) if padding.lower() == "same" else ((k_h - 1) * rate, (k_w - 1) * rate)
+        size = [None if n is None else n - d for n, d in zip(x.shape[1:3], shrink, strict=True)]
+        total.set_shape([x.shape[0], *size, channels])
+    return total
+
+
+def taps_atrous_conv2d(x, kernel, rate: int, padding: str) -> tf.Tensor:
+    """``tf.nn.conv2d(x, kernel, dilations=rate)`` as a sum of 1x1 convolutions
+    (``sum_of_taps``)."""
+
+    def tap(crop, one):
+        return tf.nn.conv2d(crop, one, strides=1, padding="VALID")
+
+    return sum_of_taps(x, kernel, rate, padding, tap, kernel.shape[-1])
+
+
 @register
 class AtrousConv2D(layers.Layer):
     """Atrous (dilated) 2-D convolution, y[i] = sum_k x[i + rate * k] w[k].
 
-    Three numerically equal implementations (DESIGN.md, Atrous convolution):
+    Four numerically equal implementations (DESIGN.md, Atrous convolution):
     ``"dilated"`` (Keras ``ops.conv`` with ``dilation_rate``), ``"space_to_batch"``
-    (``tf.nn.atrous_conv2d``, the method of the v2 paper section 3.1) and
+    (``tf.nn.atrous_conv2d``, the method of the v2 paper section 3.1),
     ``"direct"`` (``tf.nn.conv2d(..., dilations=rate)``, run natively by oneDNN
-    and cuDNN). The variables (``kernel``, ``bias``) are the same as Keras
-    ``Conv2D``'s, so weights move between the two by layer name, and do not
-    depend on ``rate``: a model rebuilt at another output stride loads the same
-    weights.
+    and cuDNN) and ``"taps"`` (one 1x1 convolution per kernel tap over the pixels
+    it reads inside the image, ``sum_of_taps``: the fastest where the rate is large
+    against the feature map, as in the ASPP). The variables (``kernel``, ``bias``) are
+    the same as Keras ``Conv2D``'s, so weights move between the two by layer name,
+    and do not depend on ``rate``: a model rebuilt at another output stride loads the
+    same weights.
 
     Args:
         filters: number of output channels.
@@ -163,6 +229,8 @@ class AtrousConv2D(layers.Layer):
             y = ops.conv(inputs, kernel, strides=1, padding=self.padding, dilation_rate=self.rate)
         elif self.implementation == "space_to_batch":
             y = tf.nn.atrous_conv2d(inputs, kernel, self.rate, self.padding.upper())
+        elif self.implementation == "taps" and self.rate > 1:
+            y = taps_atrous_conv2d(inputs, kernel, self.rate, self.padding)
         else:
             y = direct_atrous_conv2d(inputs, kernel, self.rate, self.padding)
         if self.use_bias:

@@ -10,7 +10,7 @@ import functools
 import tensorflow as tf
 from keras import initializers, layers, ops, regularizers
 
-from deeplab_tf.layers.atrous import ATROUS_IMPLEMENTATIONS, AtrousConv2D
+from deeplab_tf.layers.atrous import ATROUS_IMPLEMENTATIONS, AtrousConv2D, sum_of_taps
 from deeplab_tf.layers.base import check_choice, check_positive_int, register
 from deeplab_tf.layers.normalization import batch_norm
 
@@ -45,7 +45,8 @@ def depthwise_atrous_conv2d(x, kernel, rate: int, strides: int, implementation: 
     ``tf.nn.with_space_to_batch`` form (the two run the same kernels in TensorFlow, which
     implements dilated depthwise convolution by space-to-batch); ``"direct"`` the
     native ``DepthwiseConv2dNative`` with dilations, which only oneDNN runs: elsewhere
-    (TensorFlow's own CPU kernels) it falls back to the space-to-batch form."""
+    (TensorFlow's own CPU kernels) it falls back to the space-to-batch form; ``"taps"``
+    a per-channel product per kernel tap (``sum_of_taps``)."""
     if strides > 1:
         k = kernel.shape[0]
         before, after = fixed_padding(k, rate)
@@ -53,6 +54,11 @@ def depthwise_atrous_conv2d(x, kernel, rate: int, strides: int, implementation: 
         return ops.depthwise_conv(x, kernel, strides=strides, padding="valid")
     if implementation == "dilated" or rate == 1:
         return ops.depthwise_conv(x, kernel, strides=1, padding="same", dilation_rate=rate)
+    if implementation == "taps":
+        channels = kernel.shape[2] * kernel.shape[3]
+        return sum_of_taps(
+            x, kernel, rate, "same", lambda crop, one: crop * one[0, 0, :, 0], channels
+        )
     if implementation == "direct" and native_dilated_depthwise_available():
         return _native_dilated_depthwise(x, kernel, rate)
     return _space_to_batch_depthwise(x, kernel, rate)
