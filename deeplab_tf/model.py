@@ -77,7 +77,7 @@ def build_model(
             fc6/fc7 from ImageNet's fc1/fc2, ``vgg.load_vgg16_weights``).
         upsample_logits: return logits at the input size (True) or at
             ceil(input / output_stride) (False).
-        atrous_implementation: ``"dilated"``, ``"space_to_batch"`` or ``"direct"``.
+        atrous_implementation: one of ``ATROUS_IMPLEMENTATIONS`` (``deeplab_tf.layers``).
         bn_momentum: batch norm decay (0.9997 in the v3 paper).
         sync_batchnorm: synchronise batch statistics across replicas.
         aspp_dropout: dropout after the ASPP projection.

@@ -25,6 +25,8 @@ from deeplab_tf.cli import common
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from deeplab_tf.layers.atrous import ATROUS_IMPLEMENTATIONS
+
     p = common.tool_parser(__doc__)
     p.add_argument("--variant", default="deeplabv3", help="a name from describe.py --list")
     p.add_argument("--recipe", help="training protocol (default: from the variant and the data)")
@@ -62,7 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--oversample-classes", help="comma-separated class ids to duplicate")
     p.add_argument(
         "--atrous-implementation",
-        choices=("dilated", "space_to_batch", "direct"),
+        choices=ATROUS_IMPLEMENTATIONS,
         help="how atrous convolutions run (same weights; see README benchmarks)",
     )
     p.add_argument("--mixed-precision", action="store_true")
