@@ -97,12 +97,10 @@ def sum_of_taps(x, kernel, rate: int, padding: str, tap, channels: int) -> tf.Te
     k_h, k_w = kernel.shape[0], kernel.shape[1]
     shape = tf.shape(x)
     h, w = shape[1], shape[2]
-    if padding.lower() == "same":
-        out_h, out_w = h, w
-        before_h, before_w = (k_h - 1) * rate // 2, (k_w - 1) * rate // 2
-    else:
-        out_h, out_w = h - (k_h - 1) * rate, w - (k_w - 1) * rate
-        before_h = before_w = 0
+    same = padding.lower() == "same"
+    shrink_h, shrink_w = (0, 0) if same else ((k_h - 1) * rate, (k_w - 1) * rate)
+    out_h, out_w = h - shrink_h, w - shrink_w
+    before_h, before_w = ((k_h - 1) * rate // 2, (k_w - 1) * rate // 2) if same else (0, 0)
     total = tf.zeros(tf.stack([shape[0], out_h, out_w, channels]), tf.float32)
     for i in range(k_h):
         dy = i * rate - before_h
@@ -113,26 +111,40 @@ def sum_of_taps(x, kernel, rate: int, padding: str, tap, channels: int) -> tf.Te
             dx = j * rate - before_w
             left = tf.clip_by_value(-dx, 0, out_w)
             right = tf.clip_by_value(w - dx, left, out_w)
-
-            def add_tap(total=total, i=i, j=j, dy=dy, dx=dx, top=top, bottom=bottom,
-                        left=left, right=right):  # fmt: skip
-                crop = tf.slice(
-                    x, [0, top + dy, left + dx, 0], [-1, bottom - top, right - left, -1]
-                )
-                y = tf.cast(tap(crop, kernel[i : i + 1, j : j + 1]), tf.float32)
-                return total + tf.pad(
-                    y, [[0, 0], [top, out_h - bottom], [left, out_w - right], [0, 0]]
-                )
-
+            add = functools.partial(
+                _add_tap,
+                total,
+                x,
+                kernel[i : i + 1, j : j + 1],
+                tap,
+                (top, bottom, left, right),
+                (dy, dx),
+                (out_h, out_w),
+            )
             # Never a product of an empty crop: TensorFlow's convolutions return the
             # wrong shape (oneDNN) or an uninitialised kernel gradient (Eigen) for one.
-            total = tf.cond((bottom > top) & (right > left), add_tap, lambda total=total: total)
+            total = tf.cond(
+                (bottom > top) & (right > left), add, functools.partial(tf.identity, total)
+            )
     total = tf.cast(total, x.dtype)
     if x.shape.rank == 4:  # the sizes are tensors: restore what is known statically
-        shrink = (0, 0) if padding.lower() == "same" else ((k_h - 1) * rate, (k_w - 1) * rate)
-        size = [None if n is None else n - d for n, d in zip(x.shape[1:3], shrink, strict=True)]
+        size = [
+            None if n is None else n - d
+            for n, d in zip(x.shape[1:3], (shrink_h, shrink_w), strict=True)
+        ]
         total.set_shape([x.shape[0], *size, channels])
     return total
+
+
+def _add_tap(total, x, one, tap, window, shift, out_size) -> tf.Tensor:
+    """``total`` plus ``tap(crop, one)`` of the input pixels that output ``window``
+    (top, bottom, left, right) reads at ``shift`` (dy, dx), zero elsewhere."""
+    top, bottom, left, right = window
+    dy, dx = shift
+    crop = tf.slice(x, [0, top + dy, left + dx, 0], [-1, bottom - top, right - left, -1])
+    y = tf.cast(tap(crop, one), tf.float32)
+    out_h, out_w = out_size
+    return total + tf.pad(y, [[0, 0], [top, out_h - bottom], [left, out_w - right], [0, 0]])
 
 
 def taps_atrous_conv2d(x, kernel, rate: int, padding: str) -> tf.Tensor:

@@ -55,9 +55,9 @@ def depthwise_atrous_conv2d(x, kernel, rate: int, strides: int, implementation: 
     if implementation == "dilated" or rate == 1:
         return ops.depthwise_conv(x, kernel, strides=1, padding="same", dilation_rate=rate)
     if implementation == "taps":
-        channels = kernel.shape[2] * kernel.shape[3]
+        # One filter per channel (no depth multiplier): each tap scales the channels.
         return sum_of_taps(
-            x, kernel, rate, "same", lambda crop, one: crop * one[0, 0, :, 0], channels
+            x, kernel, rate, "same", lambda crop, one: crop * one[0, 0, :, 0], kernel.shape[2]
         )
     if implementation == "direct" and native_dilated_depthwise_available():
         return _native_dilated_depthwise(x, kernel, rate)
