@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: quickstart test lint bench lock
+.PHONY: quickstart test test-large lint bench lock
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,12 +21,19 @@ quickstart: $(VENV)/.installed
 	$(PY) export.py --model-dir runs/quickstart --format savedmodel tflite \
 		--export-dir runs/exports --name quickstart --version 1 --overwrite
 
+# The suite but the large tests (end to end in other processes; tests/conftest.py), then
+# its numerics tests again on TensorFlow's own kernels. test-large: the large tests, both
+# ways. .ci/run runs both targets.
 test: $(VENV)/.installed
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not large"
 	@echo "The numerics tests again, with TensorFlow's own kernels (as CPUs without oneDNN's paths compute):"
-	TF_ENABLE_ONEDNN_OPTS=0 $(PY) -m pytest -q -m numerics
+	TF_ENABLE_ONEDNN_OPTS=0 $(PY) -m pytest -q -m "numerics and not large"
+
+test-large: $(VENV)/.installed
+	$(PY) -m pytest -q -m large
+	TF_ENABLE_ONEDNN_OPTS=0 $(PY) -m pytest -q -m "numerics and large"
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check --fix .

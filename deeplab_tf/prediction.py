@@ -102,6 +102,39 @@ def _output_stem(path: Path, used: set[str]) -> str:
     return stem
 
 
+def check_job(
+    inputs: Sequence[str],
+    output_dir: str | os.PathLike,
+    overwrite: bool = False,
+    alpha: float = 0.5,
+    legend: str = "overlay",
+) -> tuple[Path, list[Path], list[tuple[str, str]]]:
+    """The checks of ``predict_files`` that need no model, so that a command line fails
+    before loading one: ``(output_dir, the images of inputs, the inputs skipped with
+    why)``.
+
+    Raises:
+        InferenceError: a bad ``alpha`` or ``legend``, an existing ``output_dir`` without
+            ``overwrite``, one that holds an input, or no image in ``inputs``.
+    """
+    if legend not in LEGENDS:
+        raise InferenceError(f"--legend must be one of {list(LEGENDS)}, got {legend!r}")
+    if not 0.0 <= alpha <= 1.0:
+        raise InferenceError(f"--alpha must be in [0, 1], got {alpha}")
+    output_dir = check_output_dir(output_dir, overwrite)
+    paths, skipped = expand_inputs(inputs)
+    resolved_out = output_dir.resolve()
+    inside = [p for p in paths if resolved_out in p.parents]
+    if inside:
+        raise InferenceError(
+            f"--output-dir {output_dir} contains input {inside[0]}; choose another directory"
+        )
+    if not paths:
+        reasons = "; ".join(f"{text}: {reason}" for text, reason in skipped)
+        raise InferenceError(f"no images to predict ({reasons})")
+    return output_dir, paths, skipped
+
+
 def predict_files(
     predictor: Predictor,
     inputs: Sequence[str],
@@ -141,27 +174,13 @@ def predict_files(
             without ``overwrite``, or the model's classes do not match ``spec``.
     """
     stream = stream or sys.stdout
-    if legend not in LEGENDS:
-        raise InferenceError(f"--legend must be one of {list(LEGENDS)}, got {legend!r}")
-    if not 0.0 <= alpha <= 1.0:
-        raise InferenceError(f"--alpha must be in [0, 1], got {alpha}")
     if spec is not None and spec.num_classes != predictor.num_classes:
         where = f"{predictor.checkpoint.path}: " if predictor.checkpoint else ""
         raise InferenceError(
             f"{where}the model predicts {predictor.num_classes} classes but dataset "
             f"{spec.name!r} has {spec.num_classes}"
         )
-    output_dir = check_output_dir(output_dir, overwrite)
-    paths, skipped = expand_inputs(inputs)
-    resolved_out = output_dir.resolve()
-    inside = [p for p in paths if resolved_out in p.parents]
-    if inside:
-        raise InferenceError(
-            f"--output-dir {output_dir} contains input {inside[0]}; choose another directory"
-        )
-    if not paths:
-        reasons = "; ".join(f"{text}: {reason}" for text, reason in skipped)
-        raise InferenceError(f"no images to predict ({reasons})")
+    output_dir, paths, skipped = check_job(inputs, output_dir, overwrite, alpha, legend)
     for text, reason in skipped:
         print(f"skipped {text}: {reason}", file=sys.stderr, flush=True)
     if crf_params is not None:

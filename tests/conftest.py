@@ -8,11 +8,18 @@
   computation with itself (a reloaded model, another trace, integer counts), weight
   copies, shapes, layer settings and error messages do not depend on the kernels and
   are not listed.
-* ``SLOWEST_FIRST``: the modules in order of their time on a 2-core machine (about 100
-  s down to 12 s each). pytest-xdist hands whole modules to the two workers
-  (``--dist loadfile``) in this order (``--no-loadscope-reorder``; by default it orders
-  them by their number of tests), so that the long ones start first and the many short
-  ones even out the end, instead of one worker running a long module alone at the end.
+* ``LARGE``: the tests that run our programs end to end in other processes (a kill
+  and the rerun, several processes, an installed wheel, a fresh process's console or
+  memory, the user's datasets from the builder to the export). They get the ``large``
+  marker: ``make test`` leaves them out, to stay within minutes, and ``make
+  test-large`` runs them; ``.ci/run`` runs both, so nothing lands without them. A plain
+  ``pytest`` runs everything.
+* ``SLOWEST_FIRST``: the modules in order of their time on a 2-core machine (about 90
+  s down to 7 s each, the large tests' among them). pytest-xdist hands whole modules to
+  the two workers (``--dist loadfile``) in this order (``--no-loadscope-reorder``; by
+  default it orders them by their number of tests), so that the long ones start first
+  and the many short ones even out the end, instead of one worker running a long module
+  alone at the end.
 * ``seeded``: every test starts from the same random state, so its random networks and
   data do not depend on which tests ran before it on its worker (``-k``, ``-n``, the
   modules' order): a failure reproduces, and a check that holds for most draws but
@@ -22,7 +29,6 @@
 
 from __future__ import annotations
 
-import keras
 import pytest
 
 NUMERICS = (
@@ -66,25 +72,47 @@ NUMERICS = (
 )
 
 
+LARGE = (
+    "tests/test_console.py::test_a_cli_prints_only_its_own_output",
+    "tests/test_console.py::test_predict_on_a_tiny_model_prints_nothing_on_stderr",
+    "tests/test_console.py::test_an_error_is_our_one_line",
+    "tests/test_console.py::test_the_verbose_switch_brings_tensorflow_lines_back",
+    "tests/test_export_cli.py::test_killed_export_leaves_no_version_directory",
+    "tests/test_inference.py::test_sliding_window_memory_is_bounded",
+    "tests/test_kill_rerun.py",
+    "tests/test_packaging.py::test_the_wheel_runs_outside_the_repository",
+    "tests/test_schedules.py::test_fit_mirrored_two_cpus_matches_numpy",
+    "tests/test_training.py::test_killed_run_resumes_from_its_backup",
+    "tests/test_training.py::test_mirrored_sync_bn_sees_the_whole_batch",
+    "tests/test_training.py::test_mirrored_train_validates_across_epochs",
+    "tests/test_training.py::test_two_multi_worker_processes",
+    "tests/test_user_path.py",
+)
+
+
 SLOWEST_FIRST = tuple(
     f"tests/test_{name}.py"
     for name in (
-        "training",
         "paper_variants",
         "model",
-        "backbones",
-        "inference",
-        "export",
-        "export_cli",
         "kill_rerun",
+        "backbones",
+        "export",
         "user_path",
-        "console",
-        "faults",
-        "crf_cli",
-        "evaluate",
-        "packaging",
+        "inference",
+        "training",
+        "xception",
+        "export_cli",
         "predict_cli",
+        "crf_cli",
+        "folding",
+        "decoder",
+        "evaluate",
+        "faults",
+        "layers",
         "dilation",
+        "console",
+        "packaging",
         "files",
     )
 )
@@ -99,9 +127,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.nodeid.startswith(NUMERICS):
             item.add_marker(pytest.mark.numerics)
+        if item.nodeid.startswith(LARGE):
+            item.add_marker(pytest.mark.large)
     items.sort(key=_rank)  # stable: within a module, and among the rest, the file order
 
 
 @pytest.fixture(autouse=True)
 def seeded() -> None:
+    import keras  # here, not above: pytest-xdist's controller runs no test and needs no TensorFlow
+
     keras.utils.set_random_seed(0)

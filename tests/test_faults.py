@@ -56,6 +56,8 @@ def world(tmp_path_factory) -> dict[str, Path]:
     photos = root / "photos"
     photos.mkdir()
     (photos / "notes.txt").write_text("the user's own file\n")
+    # One image: predict's checks of the model come after those of its inputs.
+    tf.io.write_file(str(photos / "photo.jpg"), tf.io.encode_jpeg(tf.zeros([8, 8, 3], tf.uint8)))
     bad_yaml = root / "mine.yaml"
     bad_yaml.write_text("name: mine\nclasses: [background, thing\n  colours: x\n")
     return {
@@ -106,7 +108,8 @@ CASES = [
     ("evaluate", ["--checkpoint", "{run}", "--scales", "1,x"], "--scales"),
     ("evaluate", ["--checkpoint", "{run}", "--data-dir", "{corrupt}"], "truncated or corrupt"),
     ("evaluate", ["--checkpoint", "{run}", "--trimap", "1,a"], "--trimap must be"),
-    ("predict", ["--checkpoint", "{run}", "{photos}", "--alpha", "2"], "--alpha must be in"),
+    # Checked before the model is loaded: the truncated file is not read.
+    ("predict", ["--checkpoint", "{truncated}", "{photos}", "--alpha", "2"], "--alpha must be in"),
     ("predict", ["--checkpoint", "{run}", "{photos}/*.png"], "no images to predict"),
     ("predict", ["--checkpoint", "{run}", "{photos}", "--dataset", "cityscapes"], "19"),
     ("predict", ["--checkpoint", "{truncated}", "{photos}"], "not a complete .keras file"),

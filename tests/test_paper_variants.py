@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from deeplab_tf import VARIANTS, build_model, get_variant
+from deeplab_tf.backbones.resnet import RESNET_UNITS
 from deeplab_tf.backbones.vgg import VGG_BACKBONES
 from deeplab_tf.data.shapes import SPEC, ensure_shapes_tfrecords, render_example
 from deeplab_tf.files import save_model_atomic
@@ -81,18 +82,26 @@ def test_train_py_uses_the_paper_protocol(name, recipe):
 
 # Smaller through the same code, to keep these runs to seconds on a CPU: the 4096-wide
 # fc6/fc7 (50-120M weights, 0.5-1 GB files) train 64 wide (the real layers:
-# tests/test_vgg.py builds and counts them), and ResNet-101 loses 17 of the 23 units of
-# block3, as ResNet-50 (ResNet-101 itself: tests/test_backbones.py, test_model.py).
+# tests/test_vgg.py builds and counts them), and ResNet-101 keeps one unit of block1 and
+# block2 and two of block3 (the first strided or dilated, then one as the rest), all
+# three of block4 (ResNet-101 itself: tests/test_backbones.py, test_model.py).
+SHORT_RESNET101_UNITS = (1, 1, 2, 3)
+
+
 def _test_sized(name: str):
     """The variant with fc6/fc7 64 wide (4096 or 1024 in the papers: the dilated
-    convolutions' backward pass on them takes seconds per step on a CPU) and ResNet-50
-    for ResNet-101; the rest (recipe, heads, rates, stages) as registered."""
+    convolutions' backward pass on them takes seconds per step on a CPU); the rest
+    (recipe, heads, rates, stages) as registered."""
     variant = get_variant(name)
     if variant.head == "vgg_fc" and variant.head_filters > 64:
         variant = dataclasses.replace(variant, head_filters=64)
-    if variant.backbone == "resnet101":
-        variant = dataclasses.replace(variant, backbone="resnet50")
     return variant
+
+
+@pytest.fixture(autouse=True)
+def short_resnet101(monkeypatch):
+    """ResNet-101 with ``SHORT_RESNET101_UNITS`` units while a test of this module runs."""
+    monkeypatch.setitem(RESNET_UNITS, "resnet101", SHORT_RESNET101_UNITS)
 
 
 # The first stages of the second-stage variants, as train.py saves them.

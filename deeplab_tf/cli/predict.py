@@ -42,10 +42,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from deeplab_tf import prediction
-    from deeplab_tf.evaluation import check_output_dir
 
-    check_output_dir(args.output_dir, args.overwrite)  # fail before loading the model
     crf_params = common.crf_params_from_args(args)
+    # Fail before loading the model.
+    prediction.check_job(args.inputs, args.output_dir, args.overwrite, args.alpha, args.legend)
     predictor = common.predictor_from_args(args)
     spec = prediction.resolve_spec(predictor, args.dataset)
     summary = prediction.predict_files(
