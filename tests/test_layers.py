@@ -1,3 +1,4 @@
+import dataclasses
 import os
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from deeplab_tf.layers import (
     normalization_mean,
 )
 from deeplab_tf.model import build_model
+from deeplab_tf.variants import get_variant
 from tests.helpers import (
     numpy_atrous_conv2d,
     numpy_atrous_conv2d_bound,
@@ -308,7 +310,9 @@ class TestPixelNormalization:
         """The pad pixel of a model (training crops larger than the image, padded
         validation batches) is zero after the model's own first layer, also for the
         [-1, 1] scaling, where the ImageNet mean would be (-0.03, -0.08, -0.18)."""
-        model = build_model(variant, num_classes=3, input_shape=(None, None, 3))
+        # The first layer is what counts: VGG's fc6/fc7 (4096 wide, 120M weights) as 64.
+        narrow = dataclasses.replace(get_variant(variant), head_filters=64)
+        model = build_model(narrow, num_classes=3, input_shape=(None, None, 3))
         layer = normalization_layer(model)
         assert layer.mode == mode
         pad = np.broadcast_to(np.float32(normalization_mean(model)), (1, 2, 2, 3))
