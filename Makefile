@@ -1,4 +1,4 @@
-# The two commands of the README. Each creates .venv and installs requirements.txt (the pinned
+# The README's commands. Each creates .venv and installs requirements.txt (the pinned
 # lock of pyproject.toml's dependencies) when needed; the checkout itself runs, uninstalled.
 PYTHON ?= python3
 VENV := .venv
