@@ -198,6 +198,23 @@ def _search_progress(stream) -> Callable[[int, int], None]:
     return update
 
 
+def check_job(
+    output_dir: str | os.PathLike, overwrite: bool = False, num_images: int = 1, top: int = 1
+) -> Path:
+    """The checks of ``tune_crf`` that need no model, so that a command line fails before
+    loading one: ``output_dir`` as a Path (``check_output_dir``), positive
+    ``num_images`` and ``top``.
+
+    Raises:
+        InferenceError: a bad setting or existing results without ``overwrite``.
+    """
+    if num_images < 1:
+        raise InferenceError(f"--num-images must be positive, got {num_images}")
+    if top < 1:
+        raise InferenceError(f"--top must be positive, got {top}")
+    return check_output_dir(output_dir, overwrite)
+
+
 def tune_crf(
     predictor: Predictor,
     data_dir: str | os.PathLike,
@@ -238,11 +255,7 @@ def tune_crf(
         ValueError: bad search settings.
     """
     stream = stream or sys.stdout
-    if num_images < 1:
-        raise InferenceError(f"--num-images must be positive, got {num_images}")
-    if top < 1:
-        raise InferenceError(f"--top must be positive, got {top}")
-    output_dir = check_output_dir(output_dir, overwrite)
+    output_dir = check_job(output_dir, overwrite, num_images, top)
     backend = crf.resolve_backend(backend)
     _, total = split_for(predictor, data_dir, split)
     num_images = min(num_images, total)

@@ -120,7 +120,7 @@ CASES = [
     ("export", ["--model-dir", "{run}", "--input-size", "a"], "--input-size"),
     ("export", ["--model-dir", "{root}/missing"], "missing"),
     ("tune_crf", ["--checkpoint", "{run}", "--w1", "3:x"], "--w1"),
-    ("tune_crf", ["--checkpoint", "{run}", "--num-images", "0"], "--num-images must be"),
+    ("tune_crf", ["--checkpoint", "{truncated}", "--num-images", "0"], "--num-images must be"),
     ("describe", ["deeplabv9"], "unknown variant 'deeplabv9'"),
     ("describe", ["deeplabv3", "--input-size", "1", "2", "3"], "--input-size takes H or H W"),
     ("build_voc2012", ["--voc-root", "{root}/voc", "--output-dir", "{root}/o"], "does not exist"),

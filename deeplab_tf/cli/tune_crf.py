@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     common.positive(args.crf_workers, "--crf-workers")
     checkpoint = read_checkpoint_info(args.checkpoint)
     output_dir = args.output_dir or checkpoint.path.parent / f"crf-{args.split}"
-    crf_tuning.check_output_dir(output_dir, args.overwrite)  # fail before the work
+    # Fail before loading the model.
+    crf_tuning.check_job(output_dir, args.overwrite, args.num_images, args.top)
     data_dir = data_dir_of(checkpoint, args.data_dir)
     predictor = common.predictor_from_args(args)
     crf_tuning.tune_crf(
