@@ -198,9 +198,7 @@ def _search_progress(stream) -> Callable[[int, int], None]:
     return update
 
 
-def check_job(
-    output_dir: str | os.PathLike, overwrite: bool = False, num_images: int = 1, top: int = 1
-) -> Path:
+def check_job(output_dir: str | os.PathLike, overwrite: bool, num_images: int, top: int) -> Path:
     """The checks of ``tune_crf`` that need no model, so that a command line fails before
     loading one: ``output_dir`` as a Path (``check_output_dir``), positive
     ``num_images`` and ``top``.

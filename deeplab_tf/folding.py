@@ -42,9 +42,9 @@ class FoldPair(NamedTuple):
 # dilated bfloat16 convolutions pay for: on a Xeon with AMX the branches ran 2.4-13.5x
 # faster as taps, the whole deeplabv3 1.8-1.9x at OS8 and 1.25x at OS16 (README,
 # Benchmarks); on an AMD EPYC without AMX the whole network was within 4% either way.
-# In float32 the two forms were within 5% of each other either way, so
-# float32 keeps the model's. The backbone's dilated convolutions, at small rates on
-# larger maps, stay as they are in both: there the dilated kernels are faster.
+# In float32 the two forms were within 5% of each other either way, so float32 keeps
+# the model's. The backbone's dilated convolutions, at small rates on larger maps, stay
+# as they are in both: there the dilated kernels are faster.
 ASPP_IMPLEMENTATION_FOR_INFERENCE = {"bfloat16": "taps"}
 
 

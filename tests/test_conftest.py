@@ -5,6 +5,7 @@ tier, without a word."""
 from __future__ import annotations
 
 import ast
+from functools import cache
 
 import pytest
 
@@ -12,6 +13,7 @@ from tests.conftest import LARGE, NUMERICS, SLOWEST_FIRST
 from tests.helpers import ROOT
 
 
+@cache
 def _node_ids(path: str) -> set[str]:
     """``path``, ``path::test`` and ``path::Class`` / ``path::Class::test`` of a test file."""
     tree = ast.parse((ROOT / path).read_text())
