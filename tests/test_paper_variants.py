@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from deeplab_tf import VARIANTS, build_model, get_variant
+from deeplab_tf.backbones import vgg
 from deeplab_tf.backbones.resnet import RESNET_UNITS
-from deeplab_tf.backbones.vgg import VGG_BACKBONES
 from deeplab_tf.data.shapes import SPEC, ensure_shapes_tfrecords, render_example
 from deeplab_tf.files import save_model_atomic
 from deeplab_tf.recipes import default_recipe
@@ -20,7 +20,7 @@ from tests.helpers import assert_close_relative
 PAPER_VARIANTS = [
     name
     for name, variant in VARIANTS.items()
-    if variant.backbone in VGG_BACKBONES or variant.head == "atrous_logits"
+    if variant.backbone in vgg.VGG_BACKBONES or variant.head == "atrous_logits"
 ]
 
 
@@ -81,11 +81,14 @@ def test_train_py_uses_the_paper_protocol(name, recipe):
 
 
 # Smaller through the same code, to keep these runs to seconds on a CPU: the 4096-wide
-# fc6/fc7 (50-120M weights, 0.5-1 GB files) train 64 wide (the real layers:
-# tests/test_vgg.py builds and counts them), and ResNet-101 keeps one unit of block1 and
-# block2 and two of block3 (the first strided or dilated, then one as the rest), all
-# three of block4 (ResNet-101 itself: tests/test_backbones.py, test_model.py).
+# fc6/fc7 (50-120M weights, 0.5-1 GB files) train 64 wide and VGG-16's blocks an eighth
+# as wide (the real layers: tests/test_vgg.py builds and counts them; the Yu-Koltun
+# front end runs them on 186-pixel margins, 388x388 for a 16-pixel image), and
+# ResNet-101 keeps one unit of block1 and block2 and two of block3 (the first strided or
+# dilated, then one as the rest), all three of block4 (ResNet-101 itself:
+# tests/test_backbones.py, test_model.py).
 SHORT_RESNET101_UNITS = (1, 1, 2, 3)
+NARROW_VGG16_BLOCKS = tuple((filters // 8, convs) for filters, convs in vgg.VGG16_BLOCKS)
 
 
 def _test_sized(name: str):
@@ -98,10 +101,14 @@ def _test_sized(name: str):
     return variant
 
 
-@pytest.fixture(autouse=True)
-def short_resnet101(monkeypatch):
-    """ResNet-101 with ``SHORT_RESNET101_UNITS`` units while a test of this module runs."""
-    monkeypatch.setitem(RESNET_UNITS, "resnet101", SHORT_RESNET101_UNITS)
+@pytest.fixture(scope="module", autouse=True)
+def test_sized_backbones():
+    """ResNet-101 with ``SHORT_RESNET101_UNITS`` units and VGG-16 with
+    ``NARROW_VGG16_BLOCKS`` while this module runs (its first-stage files included)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(RESNET_UNITS, "resnet101", SHORT_RESNET101_UNITS)
+        patch.setattr(vgg, "VGG16_BLOCKS", NARROW_VGG16_BLOCKS)
+        yield
 
 
 # The first stages of the second-stage variants, as train.py saves them.
@@ -112,7 +119,7 @@ FIRST_STAGES.update(
 
 
 @pytest.fixture(scope="module")
-def first_stage_checkpoints(tmp_path_factory):
+def first_stage_checkpoints(test_sized_backbones, tmp_path_factory):
     paths = {}
     for first in sorted(set(FIRST_STAGES.values())):
         keras.utils.set_random_seed(0)
