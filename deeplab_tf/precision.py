@@ -20,6 +20,10 @@ PRECISIONS = ("float32", "bfloat16")
 DTYPE_POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16"}
 # CPU flags (Linux /proc/cpuinfo) of bfloat16 arithmetic.
 BFLOAT16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
+# TensorFlow hands bfloat16 ops to oneDNN only on CPUs with one of these
+# (IsDataTypeSupportedByOneDNNOnThisCPU); elsewhere its own kernels run them, even with
+# oneDNN on, and those have no dilated backprop nor dilated depthwise convolution.
+ONEDNN_BFLOAT16_CPU_FLAGS = frozenset({"avx512f", "avx_ne_convert"})
 # oneDNN's x86 instruction-set levels below AVX512_CORE_BF16 (values of its cap,
 # ONEDNN_MAX_CPU_ISA). TensorFlow hands bfloat16 ops to oneDNN whenever the CPU has
 # AVX512F or AVX_NE_CONVERT, without reading the cap. Capped at these levels oneDNN has
@@ -33,16 +37,18 @@ ONEDNN_ISAS_EMULATING_BFLOAT16 = ("AVX512_CORE", "AVX512_CORE_VNNI")
 @functools.cache
 def bfloat16_unavailable() -> str | None:
     """Why this machine does not run bfloat16 inference fast, or None when it does."""
-    onednn = _onednn_enabled()
-    if onednn is None:
-        return "this TensorFlow build does not say whether its oneDNN kernels are on"
-    if not onednn:
-        return "TensorFlow's oneDNN kernels are off (TF_ENABLE_ONEDNN_OPTS=0)"
+    # The CPU first: without bfloat16 instructions TensorFlow also leaves oneDNN off by
+    # default, and the CPU is the reason.
     flags = cpu_flags()
     if flags is None:
         return "this system does not list its CPU's instructions (/proc/cpuinfo)"
     if not flags & BFLOAT16_CPU_FLAGS:
         return "this CPU has no bfloat16 instructions (AVX512_BF16, AMX-BF16 or Arm BF16)"
+    onednn = onednn_enabled()
+    if onednn is None:
+        return "this TensorFlow build does not say whether its oneDNN kernels are on"
+    if not onednn:
+        return "TensorFlow's oneDNN kernels are off (TF_ENABLE_ONEDNN_OPTS=0)"
     cap = onednn_isa_cap()
     below = (*ONEDNN_ISAS_WITHOUT_BFLOAT16, "AVX2_VNNI_2", *ONEDNN_ISAS_EMULATING_BFLOAT16)
     if cap and cap[1] in below:
@@ -55,9 +61,9 @@ def bfloat16_cannot_run() -> str | None:
     """Why TensorFlow fails on bfloat16 convolutions on this machine (see
     ``ONEDNN_ISAS_WITHOUT_BFLOAT16``), or None where they run, fast or emulated."""
     cap = onednn_isa_cap()
-    flags = cpu_flags() or frozenset()
-    if not (cap and _onednn_enabled() and {"avx512f", "avx_ne_convert"} & flags):
+    if not (cap and onednn_runs("bfloat16")):
         return None
+    flags = cpu_flags() or frozenset()
     if cap[1] in ONEDNN_ISAS_WITHOUT_BFLOAT16 or (
         cap[1] == "AVX2_VNNI_2" and "avx_ne_convert" not in flags
     ):
@@ -68,7 +74,25 @@ def bfloat16_cannot_run() -> str | None:
     return None
 
 
-def _onednn_enabled() -> bool | None:
+def onednn_runs(dtype: str) -> bool:
+    """Whether TensorFlow runs this machine's CPU ops of ``dtype`` ("float32",
+    "bfloat16") through its oneDNN kernels rather than its own.
+
+    oneDNN is on by default on Linux CPUs with AVX512_VNNI, AVX512_BF16, AVX_VNNI or
+    AMX (``TF_ENABLE_ONEDNN_OPTS`` sets it either way); bfloat16 also needs
+    ``ONEDNN_BFLOAT16_CPU_FLAGS``. Other dtypes: False (TensorFlow's own kernels, or
+    not known here).
+    """
+    if not onednn_enabled():
+        return False
+    if dtype == "float32":
+        return True
+    if dtype == "bfloat16":
+        return bool((cpu_flags() or frozenset()) & ONEDNN_BFLOAT16_CPU_FLAGS)
+    return False
+
+
+def onednn_enabled() -> bool | None:
     """Whether TensorFlow's oneDNN kernels are on; None where the build does not say."""
     try:
         from tensorflow.python.util import _pywrap_util_port

@@ -161,15 +161,18 @@ class TestAtrousConv2DCorrectness:
         # of float32 rounding (6e-8) times the sums' size (about 10 to 100).
         assert float(diff) < 1e-4
 
-    def test_the_build_answers_as_running_the_op_does(self):
-        """The capability is read off the build (no failing op, no error log line); it
-        must say what running the two backward ops says, under any oneDNN setting."""
+    @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+    def test_the_build_answers_as_running_the_op_does(self, dtype):
+        """The capability is read off the build and the CPU (no failing op, no error log
+        line); it must say what running the two backward ops says, under any oneDNN
+        setting: with oneDNN on, a CPU without AVX-512 still runs bfloat16 on
+        TensorFlow's own kernels (mixed-precision training failed there)."""
         from deeplab_tf.layers.atrous import (
             _dilated_backprop_runs,
             native_dilated_backprop_available,
         )
 
-        assert native_dilated_backprop_available() == _dilated_backprop_runs()
+        assert native_dilated_backprop_available(dtype) == _dilated_backprop_runs(dtype)
 
 
 class TestAtrousConv2DInterface:

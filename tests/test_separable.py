@@ -9,6 +9,7 @@ from deeplab_tf.layers import (
     AtrousSeparableConv2D,
     depthwise_atrous_conv2d,
     fixed_padding,
+    native_dilated_depthwise_available,
 )
 from tests.helpers import assert_close_relative, run_layer_checks
 from tests.tolerances import network_rtol
@@ -92,6 +93,25 @@ def test_fixed_padding_is_tf1s():
     assert fixed_padding(3, 2) == (2, 2)
     assert fixed_padding(4, 1) == (1, 2)
     assert fixed_padding(1, 1) == (0, 0)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_native_dilated_depthwise_is_used_where_it_runs(dtype):
+    """``native_dilated_depthwise_available`` (read off the build and the CPU) says what
+    running ``DepthwiseConv2dNative`` with dilations says: TensorFlow's own kernels,
+    where oneDNN is off or on bfloat16 without AVX-512, refuse dilations."""
+    try:
+        tf.raw_ops.DepthwiseConv2dNative(
+            input=tf.zeros([1, 7, 7, 2], dtype),
+            filter=tf.zeros([3, 3, 2, 1], dtype),
+            strides=[1, 1, 1, 1],
+            padding="SAME",
+            dilations=[1, 2, 2, 1],
+        )
+        runs = True
+    except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError):
+        runs = False
+    assert native_dilated_depthwise_available(dtype) == runs
 
 
 @pytest.mark.parametrize("implementation", ATROUS_IMPLEMENTATIONS)

@@ -10,28 +10,32 @@ from keras import initializers, layers, ops, regularizers
 
 from deeplab_tf.layers.base import check_choice, check_positive_int, register
 from deeplab_tf.layers.normalization import batch_norm
+from deeplab_tf.precision import onednn_enabled, onednn_runs
 
 ATROUS_IMPLEMENTATIONS = ("dilated", "space_to_batch", "direct", "taps")
 
 
 @functools.cache
-def native_dilated_backprop_available() -> bool:
-    """Whether this TensorFlow build differentiates ``conv2d(dilations>1)`` natively.
+def native_dilated_backprop_available(dtype: str = "float32") -> bool:
+    """Whether this TensorFlow build differentiates ``conv2d(dilations>1)`` in ``dtype``
+    natively.
 
-    oneDNN (on by default on x86 CPUs) and GPUs do; the plain Eigen CPU kernels
-    (``TF_ENABLE_ONEDNN_OPTS=0``) raise "Current CPU implementations do not yet
-    support dilation rates larger than 1" in the backward pass. Asked of the build
-    rather than by running the op: a failing op logs an error line through
-    TensorFlow's C++ logging, which a user reads as a crash.
+    oneDNN and GPUs do; TensorFlow's own CPU kernels raise "Current CPU implementations
+    do not yet support dilation rates larger than 1" in the backward pass. Those run
+    where oneDNN is off (``TF_ENABLE_ONEDNN_OPTS=0``, and by default on CPUs without
+    AVX-512 VNNI/BF16, AVX-VNNI or AMX) and, with it on, bfloat16 on CPUs without
+    AVX-512 (``precision.onednn_runs``). Asked of the build and the CPU rather than by
+    running the op: a failing op logs an error line through TensorFlow's C++ logging,
+    which a user reads as a crash.
     """
-    try:
-        from tensorflow.python.util import _pywrap_util_port
-    except ImportError:  # a TensorFlow without this module: run the op itself
-        return _dilated_backprop_runs()
-    return bool(_pywrap_util_port.IsMklEnabled()) or bool(tf.config.list_physical_devices("GPU"))
+    if tf.config.list_physical_devices("GPU"):
+        return True
+    if onednn_enabled() is None:  # a TensorFlow that does not say: run the ops themselves
+        return _dilated_backprop_runs(dtype)
+    return onednn_runs(dtype)
 
 
-def _dilated_backprop_runs() -> bool:
+def _dilated_backprop_runs(dtype: str = "float32") -> bool:
     # Run the two backward ops themselves: init_scope (eager, even when called
     # while tracing a graph) pauses gradient tapes.
     with tf.init_scope():
@@ -39,14 +43,14 @@ def _dilated_backprop_runs() -> bool:
         try:
             tf.raw_ops.Conv2DBackpropInput(
                 input_sizes=[1, 5, 5, 1],
-                filter=tf.zeros([3, 3, 1, 1]),
-                out_backprop=tf.zeros([1, 5, 5, 1]),
+                filter=tf.zeros([3, 3, 1, 1], dtype),
+                out_backprop=tf.zeros([1, 5, 5, 1], dtype),
                 **dilated,
             )
             tf.raw_ops.Conv2DBackpropFilter(
-                input=tf.zeros([1, 5, 5, 1]),
+                input=tf.zeros([1, 5, 5, 1], dtype),
                 filter_sizes=[3, 3, 1, 1],
-                out_backprop=tf.zeros([1, 5, 5, 1]),
+                out_backprop=tf.zeros([1, 5, 5, 1], dtype),
                 **dilated,
             )
         except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError):
@@ -62,7 +66,7 @@ def direct_atrous_conv2d(x, kernel, rate: int, padding: str, native_backprop: bo
     """
     padding = padding.upper()
     if native_backprop is None:
-        native_backprop = native_dilated_backprop_available()
+        native_backprop = native_dilated_backprop_available(tf.as_dtype(x.dtype).name)
     if rate == 1 or native_backprop:
         return tf.nn.conv2d(x, kernel, strides=1, padding=padding, dilations=rate)
 

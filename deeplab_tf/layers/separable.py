@@ -13,19 +13,17 @@ from keras import initializers, layers, ops, regularizers
 from deeplab_tf.layers.atrous import ATROUS_IMPLEMENTATIONS, AtrousConv2D, sum_of_taps
 from deeplab_tf.layers.base import check_choice, check_positive_int, register
 from deeplab_tf.layers.normalization import batch_norm
+from deeplab_tf.precision import onednn_runs
 
 
 @functools.cache
-def native_dilated_depthwise_available() -> bool:
-    """Whether ``DepthwiseConv2dNative`` runs dilations here: oneDNN's kernels do;
-    TensorFlow's own CPU kernels (``TF_ENABLE_ONEDNN_OPTS=0``) refuse them even in the
-    forward pass. Asked of the build, not by running the op (see
+def native_dilated_depthwise_available(dtype: str = "float32") -> bool:
+    """Whether ``DepthwiseConv2dNative`` runs dilations in ``dtype`` here: oneDNN's
+    kernels do; TensorFlow's own CPU kernels (where oneDNN is off, or bfloat16 on a CPU
+    without AVX-512: ``precision.onednn_runs``) refuse them even in the forward pass.
+    Asked of the build and the CPU, not by running the op (see
     ``native_dilated_backprop_available``)."""
-    try:
-        from tensorflow.python.util import _pywrap_util_port
-    except ImportError:
-        return False
-    return bool(_pywrap_util_port.IsMklEnabled())
+    return onednn_runs(dtype)
 
 
 def fixed_padding(kernel_size: int, rate: int) -> tuple[int, int]:
@@ -59,7 +57,7 @@ def depthwise_atrous_conv2d(x, kernel, rate: int, strides: int, implementation: 
         return sum_of_taps(
             x, kernel, rate, "same", lambda crop, one: crop * one[0, 0, :, 0], kernel.shape[2]
         )
-    if implementation == "direct" and native_dilated_depthwise_available():
+    if implementation == "direct" and native_dilated_depthwise_available(tf.as_dtype(x.dtype).name):
         return _native_dilated_depthwise(x, kernel, rate)
     return _space_to_batch_depthwise(x, kernel, rate)
 
