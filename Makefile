@@ -22,18 +22,24 @@ quickstart: $(VENV)/.installed
 		--export-dir runs/exports --name quickstart --version 1 --overwrite
 
 # The suite but the large tests (end to end in other processes; tests/conftest.py), then
-# its numerics tests again on TensorFlow's own kernels. test-large: the large tests, both
-# ways. .ci/run runs both targets.
+# its numerics tests again on the CPU kernels this machine does not run by default:
+# TensorFlow's own where its oneDNN kernels are on (CPUs with AVX512_VNNI, AVX512_BF16,
+# AVX_VNNI or AMX), oneDNN's where they are off. test-large: the large tests, both ways.
+# .ci/run runs both targets.
+OTHER_KERNELS = other=$$(TF_CPP_MIN_LOG_LEVEL=3 $(PY) -c 'from deeplab_tf.precision import \
+	onednn_enabled; print(0 if onednn_enabled() else 1)' 2>/dev/null) || exit 1; \
+	echo "The numerics tests again with TF_ENABLE_ONEDNN_OPTS=$$other (not this CPU's default):"; \
+	TF_ENABLE_ONEDNN_OPTS=$$other
+
 test: $(VENV)/.installed
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q -m "not large"
-	@echo "The numerics tests again, with TensorFlow's own kernels (as CPUs without oneDNN's paths compute):"
-	TF_ENABLE_ONEDNN_OPTS=0 $(PY) -m pytest -q -m "numerics and not large"
+	@$(OTHER_KERNELS) $(PY) -m pytest -q -m "numerics and not large"
 
 test-large: $(VENV)/.installed
 	$(PY) -m pytest -q -m large
-	TF_ENABLE_ONEDNN_OPTS=0 $(PY) -m pytest -q -m "numerics and large"
+	@$(OTHER_KERNELS) $(PY) -m pytest -q -m "numerics and large"
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check --fix .

@@ -2,8 +2,9 @@
 
 * ``NUMERICS``: the tests whose results depend on the CPU's float32 kernels (oneDNN's
   with or without AVX-512/AMX, TensorFlow's own Eigen kernels, TFLite's). They get the
-  ``numerics`` marker, and ``make test`` runs them a second time with
-  ``TF_ENABLE_ONEDNN_OPTS=0``: TensorFlow's own kernels, as other CPUs get them, so a
+  ``numerics`` marker, and ``make test`` runs them a second time on the kernels this
+  CPU does not run by default (``TF_ENABLE_ONEDNN_OPTS=0``, TensorFlow's own, where
+  oneDNN is on by default; ``=1`` where it is off), as other CPUs get them, so a
   tolerance that holds on one CPU only fails here before it lands. Comparisons of one
   computation with itself (a reloaded model, another trace, integer counts), weight
   copies, shapes, layer settings and error messages do not depend on the kernels and
