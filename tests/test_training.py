@@ -188,7 +188,7 @@ def test_mixed_precision_trains_in_bfloat16_with_float32_weights(tiny_shapes, tm
     caller's float32 policy is back once the run returns."""
     import keras
 
-    recipe = dataclasses.replace(TINY_RECIPE, steps=30, checkpoint_every=10, val_split=None)
+    recipe = dataclasses.replace(TINY_RECIPE, steps=20, checkpoint_every=10, val_split=None)
     config = TrainConfig(
         SMALL_DECODER_VARIANT,
         recipe,
