@@ -92,29 +92,6 @@ def onednn_runs(dtype: str) -> bool:
     return False
 
 
-def onednn_training_hint() -> str | None:
-    """A line for ``train.py`` where TensorFlow left its oneDNN kernels off by default
-    on this x86 CPU (one without AVX512_VNNI, AVX512_BF16, AVX_VNNI or AMX) and
-    ``TF_ENABLE_ONEDNN_OPTS`` is unset, else None.
-
-    There oneDNN's backward convolutions train about twice as fast as TensorFlow's own
-    kernels (README Benchmarks), while TensorFlow's own run inference faster, and the
-    setting is read once, when TensorFlow is imported: so it is the user's to make.
-    """
-    flags = cpu_flags() or frozenset()
-    if (
-        "TF_ENABLE_ONEDNN_OPTS" in os.environ
-        or "sse2" not in flags
-        or onednn_enabled() is not False
-    ):
-        return None
-    return (
-        "TensorFlow leaves its oneDNN kernels off on this CPU (no AVX512_VNNI, AVX512_BF16, "
-        "AVX_VNNI or AMX); with TF_ENABLE_ONEDNN_OPTS=1 in the environment training steps "
-        "run about 2x faster on such CPUs (README Benchmarks)"
-    )
-
-
 def onednn_enabled() -> bool | None:
     """Whether TensorFlow's oneDNN kernels are on; None where the build does not say."""
     try:

@@ -373,32 +373,6 @@ def test_onednn_isa_cap_decides_bfloat16(monkeypatch, environment, flags, fails,
     assert precision.bfloat16_cannot_run.__wrapped__() is None  # Eigen's kernels run it
 
 
-@pytest.mark.parametrize(
-    "environment, flags, onednn, hint",
-    [
-        ({}, {"sse2", "avx2", "fma"}, False, True),  # an AMD EPYC of the Zen 3 generation
-        ({"TF_ENABLE_ONEDNN_OPTS": "0"}, {"sse2", "avx2"}, False, False),  # the user's choice
-        ({"TF_ENABLE_ONEDNN_OPTS": "1"}, {"sse2", "avx2"}, True, False),
-        ({}, {"sse2", "avx512f", "avx512_vnni"}, True, False),  # on by default
-        ({}, {"fp", "asimd"}, False, False),  # not x86
-    ],
-)
-def test_training_hints_at_onednn_where_tensorflow_leaves_it_off(
-    monkeypatch, environment, flags, onednn, hint
-):
-    from tensorflow.python.util import _pywrap_util_port
-
-    monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS", raising=False)
-    for name, value in environment.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset(flags))
-    monkeypatch.setattr(_pywrap_util_port, "IsMklEnabled", lambda: onednn)
-    line = precision.onednn_training_hint()
-    assert (line is not None) is hint
-    if hint:
-        assert "TF_ENABLE_ONEDNN_OPTS=1" in line
-
-
 _CONVOLVE_IN_BFLOAT16 = """
 import json, tensorflow as tf
 from deeplab_tf.precision import bfloat16_cannot_run

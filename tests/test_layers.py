@@ -46,10 +46,12 @@ def _atrous_layer(rate, implementation, padding="same", x_shape=(2, 11, 13, 3), 
     return layer
 
 
-def assert_gradients_within_bounds(dx, dw, ref_dx, ref_dw, x, w, rate, dy) -> None:
+def assert_gradients_within_bounds(
+    dx, dw, ref_dx, ref_dw, x, w, rate, dy, padding: str = "same"
+) -> None:
     """Higham's bound for each gradient's sums: dx sums 3x3 taps x output channels, dw
     sums over the batch and the output's pixels; magnitudes from |x|, |w|, |dy|."""
-    abs_dx, abs_dw = numpy_atrous_conv2d_grads(np.abs(x), np.abs(w), rate, "same", np.abs(dy))
+    abs_dx, abs_dw = numpy_atrous_conv2d_grads(np.abs(x), np.abs(w), rate, padding, np.abs(dy))
     assert_within(dx, ref_dx, sum_bound(9 * dy.shape[-1], abs_dx))
     assert_within(dw, ref_dw, sum_bound(int(np.prod(dy.shape[:3])), abs_dw))
 
@@ -112,22 +114,25 @@ class TestAtrousConv2DCorrectness:
         ref_dx, ref_dw = numpy_atrous_conv2d_grads(x.numpy(), w, rate, "same", dy)
         assert_gradients_within_bounds(dx, dw, ref_dx, ref_dw, x.numpy(), w, rate, dy)
 
-    @pytest.mark.parametrize("rate", [2, 3, 12])
-    def test_direct_fallback_gradient_matches_numpy(self, rate):
-        """The space-to-batch gradient used where conv2d backprop lacks dilations."""
-        x = tf.constant(rng.normal(size=(1, 9, 14, 3)).astype("float32"))
+    @pytest.mark.parametrize(
+        "rate, padding", [(2, "same"), (3, "same"), (12, "same"), (2, "valid"), (4, "valid")]
+    )
+    def test_direct_fallback_gradient_matches_numpy(self, rate, padding):
+        """The gradient used where conv2d backprop lacks dilations: space-to-batch at
+        rate 2, tap by tap above (the Yu-Koltun front end's valid convolutions too)."""
+        x = tf.constant(rng.normal(size=(1, 19, 14, 3)).astype("float32"))
         w = tf.constant(rng.normal(size=(3, 3, 3, 2)).astype("float32"))
-        dy = rng.normal(size=(1, 9, 14, 2)).astype("float32")
         with tf.GradientTape() as tape:
             tape.watch([x, w])
-            y = direct_atrous_conv2d(x, w, rate, "same", native_backprop=False)
+            y = direct_atrous_conv2d(x, w, rate, padding, native_backprop=False)
+            dy = rng.normal(size=y.shape).astype("float32")
             loss = tf.reduce_sum(y * dy)
         dx, dw = tape.gradient(loss, [x, w])
         x, w = x.numpy(), w.numpy()
-        ref_dx, ref_dw = numpy_atrous_conv2d_grads(x, w, rate, "same", dy)
-        bound = numpy_atrous_conv2d_bound(x, w, rate, "same")
-        assert_within(y, numpy_atrous_conv2d(x, w, rate, "same"), bound)
-        assert_gradients_within_bounds(dx, dw, ref_dx, ref_dw, x, w, rate, dy)
+        ref_dx, ref_dw = numpy_atrous_conv2d_grads(x, w, rate, padding, dy)
+        bound = numpy_atrous_conv2d_bound(x, w, rate, padding)
+        assert_within(y, numpy_atrous_conv2d(x, w, rate, padding), bound)
+        assert_gradients_within_bounds(dx, dw, ref_dx, ref_dw, x, w, rate, dy, padding)
 
     def test_direct_trains_without_onednn(self):
         """With TF_ENABLE_ONEDNN_OPTS=0 native dilated backprop fails; ours must not."""

@@ -22,7 +22,7 @@ from deeplab_tf.files import write_json_atomic
 from deeplab_tf.inference import Predictor
 from deeplab_tf.layers import normalization_mean
 from deeplab_tf.metrics import MeanIoU
-from deeplab_tf.precision import bfloat16_cannot_run, onednn_training_hint
+from deeplab_tf.precision import bfloat16_cannot_run
 from deeplab_tf.recipes import format_recipe
 from deeplab_tf.training.callbacks import (
     AtomicBackupAndRestore,
@@ -122,9 +122,6 @@ def _train(config: TrainConfig) -> dict[str, Any]:
             f"  replicas: {replicas}, total steps: {total_steps}, validation: {validation}, "
             f"model dir: {model_dir}"
         )
-        hint = None if tf.config.list_logical_devices("GPU") else onednn_training_hint()
-        if hint:
-            print(f"  note: {hint}")
 
     class_weights = class_weights_for(config, data_dir, num_classes)
     # The seed right before the model and the data: the checks above build models too
