@@ -115,11 +115,23 @@ class TestAtrousConv2DCorrectness:
         assert_gradients_within_bounds(dx, dw, ref_dx, ref_dw, x.numpy(), w, rate, dy)
 
     @pytest.mark.parametrize(
-        "rate, padding", [(2, "same"), (3, "same"), (12, "same"), (2, "valid"), (4, "valid")]
+        "rate, padding, form",
+        [
+            (2, "same", "space_to_batch"),
+            (3, "same", "space_to_batch"),
+            (12, "same", "space_to_batch"),
+            (3, "same", "taps"),
+            (12, "same", "taps"),
+            (2, "valid", "space_to_batch"),  # the Yu-Koltun front end's
+            (4, "valid", "space_to_batch"),
+        ],
     )
-    def test_direct_fallback_gradient_matches_numpy(self, rate, padding):
-        """The gradient used where conv2d backprop lacks dilations: space-to-batch at
-        rate 2, tap by tap above (the Yu-Koltun front end's valid convolutions too)."""
+    def test_direct_fallback_gradient_matches_numpy(self, rate, padding, form, monkeypatch):
+        """The gradient used where conv2d backprop lacks dilations: space-to-batch, or
+        tap by tap ('same', above rate 2, on large convolutions: here made small
+        enough)."""
+        taps_from = 0 if form == "taps" else float("inf")
+        monkeypatch.setattr("deeplab_tf.layers.atrous.TAPS_GRADIENT_MIN_MACS", taps_from)
         x = tf.constant(rng.normal(size=(1, 19, 14, 3)).astype("float32"))
         w = tf.constant(rng.normal(size=(3, 3, 3, 2)).astype("float32"))
         with tf.GradientTape() as tape:

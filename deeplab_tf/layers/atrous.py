@@ -78,19 +78,35 @@ def direct_atrous_conv2d(x, kernel, rate: int, padding: str, native_backprop: bo
         def grad(dy):
             with tf.GradientTape() as tape:
                 tape.watch([x, kernel])
-                if rate > 2:
-                    # 1x1 convolutions per tap: at the ASPP's rates space-to-batch
-                    # convolves mostly padding (TensorFlow's own kernels, 33x33x2048 ->
-                    # 256, forward + backward: rate 18 7.1 s against 0.32 s, rate 6 0.83
-                    # against 0.50 s; README Benchmarks).
+                if _taps_gradient(x.shape, kernel.shape, rate, padding):
                     equal = taps_atrous_conv2d(x, kernel, rate, padding)
-                else:  # within 20% either way, space-to-batch ahead on larger maps
+                else:
                     equal = tf.nn.atrous_conv2d(x, kernel, rate, padding)
             return tape.gradient(equal, [x, kernel], output_gradients=dy)
 
         return y, grad
 
     return conv(x, kernel)
+
+
+# Multiply-adds per image above which the fallback gradient goes tap by tap (above rate
+# 2): its 3 k^2 extra ops per pass cost about a millisecond, what 1e8 multiply-adds take.
+TAPS_GRADIENT_MIN_MACS = 1e8
+
+
+def _taps_gradient(x_shape, kernel_shape, rate: int, padding: str) -> bool:
+    """Whether the fallback gradient goes tap by tap: a 'SAME' convolution above rate 2,
+    large enough for arithmetic, not op count, to set its time. At the ASPP's rates
+    space-to-batch convolves mostly padding (TensorFlow's own kernels, 33x33x2048 -> 256,
+    forward + backward: rate 18 7.1 s against 0.32 s tap by tap, rate 6 0.83 against
+    0.50 s); at rate 2 the two are within 20%, space-to-batch ahead on larger maps
+    (README, Benchmarks); 'VALID' has no padding to waste. Unknown sizes:
+    space-to-batch."""
+    _, height, width, _ = x_shape
+    if padding != "SAME" or rate <= 2 or height is None or width is None:
+        return False
+    kh, kw, channels, filters = kernel_shape
+    return kh * kw * height * width * channels * filters >= TAPS_GRADIENT_MIN_MACS
 
 
 def sum_of_taps(x, kernel, rate: int, padding: str, tap, channels: int) -> tf.Tensor:
