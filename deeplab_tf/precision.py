@@ -25,8 +25,8 @@ BFLOAT16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
 # oneDNN on, and those have no dilated backprop nor dilated depthwise convolution.
 ONEDNN_BFLOAT16_CPU_FLAGS = frozenset({"avx512f", "avx_ne_convert"})
 # oneDNN's x86 instruction-set levels below AVX512_CORE_BF16 (values of its cap,
-# ONEDNN_MAX_CPU_ISA). TensorFlow hands bfloat16 ops to oneDNN whenever the CPU has
-# AVX512F or AVX_NE_CONVERT, without reading the cap. Capped at these levels oneDNN has
+# ONEDNN_MAX_CPU_ISA). TensorFlow hands bfloat16 ops to oneDNN on the CPUs above
+# without reading the cap. Capped at these levels oneDNN has
 # no bfloat16 convolution and the op fails ("could not create a primitive descriptor");
 # AVX2_VNNI_2 has one only where the CPU has AVX_NE_CONVERT.
 ONEDNN_ISAS_WITHOUT_BFLOAT16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI")

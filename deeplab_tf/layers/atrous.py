@@ -63,7 +63,7 @@ def direct_atrous_conv2d(x, kernel, rate: int, padding: str, native_backprop: bo
 
     Where the backward kernels lack dilation support, the gradient is taken from a
     mathematically equal form of the same convolution: tap by tap
-    (``taps_atrous_conv2d``) above rate 2, space-to-batch at rate 2.
+    (``taps_atrous_conv2d``) where ``_taps_gradient`` says so, else space-to-batch.
     """
     padding = padding.upper()
     if native_backprop is None:
