@@ -115,25 +115,28 @@ class TestAtrousConv2DCorrectness:
         assert_gradients_within_bounds(dx, dw, ref_dx, ref_dw, x.numpy(), w, rate, dy)
 
     @pytest.mark.parametrize(
-        "rate, padding, form",
+        "rate, padding, kernel_size, form",
         [
-            (2, "same", "space_to_batch"),
-            (3, "same", "space_to_batch"),
-            (12, "same", "space_to_batch"),
-            (3, "same", "taps"),
-            (12, "same", "taps"),
-            (2, "valid", "space_to_batch"),  # the Yu-Koltun front end's
-            (4, "valid", "space_to_batch"),
+            (2, "same", 3, "space_to_batch"),
+            (12, "same", 3, "space_to_batch"),
+            (2, "same", 3, "taps"),
+            (3, "same", 3, "taps"),
+            (12, "same", 3, "taps"),  # taps that read only padding
+            (4, "same", 4, "taps"),  # v1's 4x4 fc6, centred at an even (k - 1) * rate
+            (2, "valid", 3, "space_to_batch"),  # the Yu-Koltun front end's
+            (2, "valid", 3, "taps"),
+            (4, "valid", 3, "taps"),
         ],
     )
-    def test_direct_fallback_gradient_matches_numpy(self, rate, padding, form, monkeypatch):
+    def test_direct_fallback_gradient_matches_numpy(
+        self, rate, padding, kernel_size, form, monkeypatch
+    ):
         """The gradient used where conv2d backprop lacks dilations: space-to-batch, or
-        tap by tap ('same', above rate 2, on large convolutions: here made small
-        enough)."""
+        tap by tap (on large convolutions: here made small enough)."""
         taps_from = 0 if form == "taps" else float("inf")
         monkeypatch.setattr("deeplab_tf.layers.atrous.TAPS_GRADIENT_MIN_MACS", taps_from)
-        x = tf.constant(rng.normal(size=(1, 19, 14, 3)).astype("float32"))
-        w = tf.constant(rng.normal(size=(3, 3, 3, 2)).astype("float32"))
+        x = tf.constant(rng.normal(size=(2, 19, 14, 3)).astype("float32"))
+        w = tf.constant(rng.normal(size=(kernel_size, kernel_size, 3, 2)).astype("float32"))
         with tf.GradientTape() as tape:
             tape.watch([x, w])
             y = direct_atrous_conv2d(x, w, rate, padding, native_backprop=False)

@@ -61,9 +61,9 @@ def _dilated_backprop_runs(dtype: str = "float32") -> bool:
 def direct_atrous_conv2d(x, kernel, rate: int, padding: str, native_backprop: bool | None = None):
     """``tf.nn.conv2d(..., dilations=rate)`` that can always be differentiated.
 
-    Where the backward kernels lack dilation support, the gradient is taken from a
-    mathematically equal form of the same convolution: tap by tap
-    (``taps_atrous_conv2d``) where ``_taps_gradient`` says so, else space-to-batch.
+    Where the backward kernels lack dilation support, the gradient is taken tap by tap
+    (``_tap_gradients``) where ``_taps_gradient`` says so, else from space-to-batch
+    (``tf.nn.atrous_conv2d``), a mathematically equal form of the same convolution.
     """
     padding = padding.upper()
     if native_backprop is None:
@@ -76,12 +76,11 @@ def direct_atrous_conv2d(x, kernel, rate: int, padding: str, native_backprop: bo
         y = tf.nn.conv2d(x, kernel, strides=1, padding=padding, dilations=rate)
 
         def grad(dy):
+            if _taps_gradient(x.shape, kernel.shape, rate):
+                return _tap_gradients(x, kernel, dy, rate, padding)
             with tf.GradientTape() as tape:
                 tape.watch([x, kernel])
-                if _taps_gradient(x.shape, kernel.shape, rate, padding):
-                    equal = taps_atrous_conv2d(x, kernel, rate, padding)
-                else:
-                    equal = tf.nn.atrous_conv2d(x, kernel, rate, padding)
+                equal = tf.nn.atrous_conv2d(x, kernel, rate, padding)
             return tape.gradient(equal, [x, kernel], output_gradients=dy)
 
         return y, grad
@@ -89,24 +88,71 @@ def direct_atrous_conv2d(x, kernel, rate: int, padding: str, native_backprop: bo
     return conv(x, kernel)
 
 
-# Multiply-adds per image above which the fallback gradient goes tap by tap (above rate
-# 2): its 3 k^2 extra ops per pass cost about a millisecond, what 1e8 multiply-adds take.
+# Multiply-adds per image above which the fallback gradient goes tap by tap: its
+# 6 k^2 extra ops cost about a millisecond, what 1e8 multiply-adds take.
 TAPS_GRADIENT_MIN_MACS = 1e8
 
 
-def _taps_gradient(x_shape, kernel_shape, rate: int, padding: str) -> bool:
-    """Whether the fallback gradient goes tap by tap: a 'SAME' convolution above rate 2,
-    large enough for arithmetic, not op count, to set its time. At the ASPP's rates
-    space-to-batch convolves mostly padding (TensorFlow's own kernels, 33x33x2048 -> 256,
-    forward + backward: rate 18 7.1 s against 0.32 s tap by tap, rate 6 0.83 against
-    0.50 s); at rate 2 the two are within 20%, space-to-batch ahead on larger maps
-    (README, Benchmarks); 'VALID' has no padding to waste. Unknown sizes:
-    space-to-batch."""
+def _taps_gradient(x_shape, kernel_shape, rate: int) -> bool:
+    """Whether the fallback gradient goes tap by tap: sizes known, and large enough for
+    arithmetic, not op count, to set its time. Space-to-batch convolves padding that
+    grows with the rate (TensorFlow's own kernels, 33x33x2048 -> 256, forward +
+    backward: rate 18 7.1 s against 0.26 s tap by tap; README, Benchmarks)."""
     _, height, width, _ = x_shape
-    if padding != "SAME" or rate <= 2 or height is None or width is None:
+    if height is None or width is None:
         return False
     kh, kw, channels, filters = kernel_shape
     return kh * kw * height * width * channels * filters >= TAPS_GRADIENT_MIN_MACS
+
+
+def _tap_windows(in_size: int, out_size: int, k: int, rate: int, before: int):
+    """Per kernel index i along one axis: (i, start, stop, shift), output positions
+    [start, stop) reading input positions [start + shift, stop + shift), all inside
+    the input (static sizes)."""
+    for i in range(k):
+        shift = i * rate - before
+        yield i, max(0, -shift), min(out_size, in_size - shift), shift
+
+
+def _tap_gradients(x, kernel, dy, rate: int, padding: str) -> list[tf.Tensor]:
+    """Gradients of ``conv2d(x, kernel, dilations=rate, padding)`` for ``dy``, one
+    kernel tap at a time over the pixels it reads inside the image: the kernel
+    gradient of tap k is one matrix product, x[window_k]^T dy[window], and the input
+    gradient the sum over taps of dy[window] kernel[k]^T put back at the tap's place,
+    summed in float32 whatever the compute dtype (as ``sum_of_taps``). No tap reads
+    padding, which space-to-batch and dilated kernels convolve."""
+    kh, kw, channels, filters = kernel.shape
+    _, height, width, _ = x.shape
+    out_h, out_w = dy.shape[1], dy.shape[2]
+    same = padding == "SAME"
+    before_h, before_w = ((kh - 1) * rate // 2, (kw - 1) * rate // 2) if same else (0, 0)
+    kernel_taps = []
+    dx = tf.zeros_like(x, tf.float32)
+    for i, top, bottom, dy_shift in _tap_windows(height, out_h, kh, rate, before_h):
+        for j, left, right, dx_shift in _tap_windows(width, out_w, kw, rate, before_w):
+            if bottom <= top or right <= left:  # the tap reads only padding
+                kernel_taps.append(tf.zeros([channels, filters], kernel.dtype))
+                continue
+            rows, cols = (
+                slice(top + dy_shift, bottom + dy_shift),
+                slice(left + dx_shift, right + dx_shift),
+            )
+            window = dy[:, top:bottom, left:right, :]
+            kernel_taps.append(
+                tf.matmul(
+                    tf.reshape(x[:, rows, cols, :], [-1, channels]),
+                    tf.reshape(window, [-1, filters]),
+                    transpose_a=True,
+                )
+            )
+            back = tf.matmul(tf.reshape(window, [-1, filters]), kernel[i, j], transpose_b=True)
+            back = tf.reshape(back, tf.concat([tf.shape(window)[:3], [channels]], 0))
+            dx += tf.pad(
+                tf.cast(back, tf.float32),
+                [[0, 0], [rows.start, height - rows.stop], [cols.start, width - cols.stop], [0, 0]],
+            )
+    dkernel = tf.reshape(tf.stack(kernel_taps), kernel.shape)
+    return [tf.cast(dx, x.dtype), dkernel]
 
 
 def sum_of_taps(x, kernel, rate: int, padding: str, tap, channels: int) -> tf.Tensor:
