@@ -91,15 +91,22 @@ def direct_atrous_conv2d(x, kernel, rate: int, padding: str, native_backprop: bo
 # Multiply-adds per image above which the fallback gradient goes tap by tap: its
 # 6 k^2 extra ops cost about a millisecond, what 1e8 multiply-adds take.
 TAPS_GRADIENT_MIN_MACS = 1e8
+# Space-to-batch splits the map into rate x rate sub-maps, each padded by k - 1: from
+# sub-maps this wide the padding is a few percent and its native kernels are the
+# faster (2x129x129x512 -> 512, rate 2: 3.3 s against 4.3 s tap by tap; 2x65x65x256
+# -> 256, rate 2: 233 against 183 ms; README, Benchmarks).
+SPACE_TO_BATCH_GRADIENT_MIN_SUBMAP = 64
 
 
 def _taps_gradient(x_shape, kernel_shape, rate: int) -> bool:
-    """Whether the fallback gradient goes tap by tap: sizes known, and large enough for
-    arithmetic, not op count, to set its time. Space-to-batch convolves padding that
-    grows with the rate (TensorFlow's own kernels, 33x33x2048 -> 256, forward +
-    backward: rate 18 7.1 s against 0.26 s tap by tap; README, Benchmarks)."""
+    """Whether the fallback gradient goes tap by tap: sizes known, large enough for
+    arithmetic, not op count, to set its time, and a rate large against the map, where
+    space-to-batch convolves mostly padding (TensorFlow's own kernels, 2x33x33x2048 ->
+    256, forward + backward: rate 18 8.6 s against 0.21 s tap by tap)."""
     _, height, width, _ = x_shape
     if height is None or width is None:
+        return False
+    if min(height, width) >= SPACE_TO_BATCH_GRADIENT_MIN_SUBMAP * rate:
         return False
     kh, kw, channels, filters = kernel_shape
     return kh * kw * height * width * channels * filters >= TAPS_GRADIENT_MIN_MACS
