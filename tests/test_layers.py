@@ -70,6 +70,19 @@ class TestAtrousConv2DCorrectness:
         expected = numpy_atrous_conv2d(x, w, rate, "same")
         assert_within(layer(x), expected, numpy_atrous_conv2d_bound(x, w, rate, "same"))
 
+    def test_taps_compile_with_xla_where_taps_read_only_padding(self):
+        """XLA compiles both branches of each tap's tf.cond, the empty window's too
+        (it rejected that branch's slice: the Predictor's --jit-compile with the ASPP
+        tap by tap). A 5x4 map at rate 6: every tap but the centre reads only padding."""
+        x = rng.normal(size=(2, 5, 4, 3)).astype("float32")
+        layer = _atrous_layer(6, "taps", x_shape=(None, None, None, 3))
+        compiled = tf.function(
+            layer, jit_compile=True, input_signature=[tf.TensorSpec([None, None, None, 3])]
+        )
+        w = np.asarray(layer.kernel)
+        expected = numpy_atrous_conv2d(x, w, 6, "same")
+        assert_within(compiled(x), expected, numpy_atrous_conv2d_bound(x, w, 6, "same"))
+
     @pytest.mark.parametrize("implementation", ATROUS_IMPLEMENTATIONS)
     @pytest.mark.parametrize("rate", [1, 2, 3])
     def test_valid_padding_matches_numpy(self, implementation, rate):

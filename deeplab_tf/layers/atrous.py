@@ -222,7 +222,16 @@ def _add_tap(total, x, one, tap, window, shift, out_size) -> tf.Tensor:
     (top, bottom, left, right) reads at ``shift`` (dy, dx), zero elsewhere."""
     top, bottom, left, right = window
     dy, dx = shift
-    crop = tf.slice(x, [0, top + dy, left + dx, 0], [-1, bottom - top, right - left, -1])
+    # A window is empty only in the branch tf.cond does not take, but XLA compiles that
+    # branch too and rejects a begin outside the map: clamped, it is in range either way.
+    shape = tf.shape(x)
+    begin = [
+        0,
+        tf.clip_by_value(top + dy, 0, shape[1]),
+        tf.clip_by_value(left + dx, 0, shape[2]),
+        0,
+    ]
+    crop = tf.slice(x, begin, [-1, bottom - top, right - left, -1])
     y = tf.cast(tap(crop, one), tf.float32)
     out_h, out_w = out_size
     return total + tf.pad(y, [[0, 0], [top, out_h - bottom], [left, out_w - right], [0, 0]])
