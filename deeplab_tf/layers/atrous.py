@@ -88,8 +88,8 @@ def direct_atrous_conv2d(x, kernel, rate: int, padding: str, native_backprop: bo
     return conv(x, kernel)
 
 
-# Multiply-adds per image above which the fallback gradient goes tap by tap: its
-# 6 k^2 extra ops cost about a millisecond, what 1e8 multiply-adds take.
+# Multiply-adds per image above which the fallback gradient goes tap by tap: its extra
+# ops, about ten per tap, cost about a millisecond, what 1e8 multiply-adds take.
 TAPS_GRADIENT_MIN_MACS = 1e8
 # Space-to-batch splits the map into rate x rate sub-maps, each padded by k - 1: from
 # sub-maps this wide the padding is a few percent and its native kernels are the
