@@ -145,14 +145,10 @@ def _tap_gradients(x, kernel, dy, rate: int, padding: str) -> list[tf.Tensor]:
                 slice(left + dx_shift, right + dx_shift),
             )
             window = dy[:, top:bottom, left:right, :]
-            kernel_taps.append(
-                tf.matmul(
-                    tf.reshape(x[:, rows, cols, :], [-1, channels]),
-                    tf.reshape(window, [-1, filters]),
-                    transpose_a=True,
-                )
-            )
-            back = tf.matmul(tf.reshape(window, [-1, filters]), kernel[i, j], transpose_b=True)
+            window_rows = tf.reshape(window, [-1, filters])
+            inputs = tf.reshape(x[:, rows, cols, :], [-1, channels])
+            kernel_taps.append(tf.matmul(inputs, window_rows, transpose_a=True))
+            back = tf.matmul(window_rows, kernel[i, j], transpose_b=True)
             back = tf.reshape(back, tf.concat([tf.shape(window)[:3], [channels]], 0))
             dx += tf.pad(
                 tf.cast(back, tf.float32),
