@@ -7,7 +7,9 @@
 Each variant runs in the ``--forms`` asked for: ``keras``, the model as built (Keras's
 batch norm); ``folded``, the copy the Predictor runs (batch norm folded into the
 convolutions, ``deeplab_tf.folding.inference_copy``); ``bfloat16``, that copy computing
-in bfloat16 (``--precision bfloat16``; its ASPP's atrous branches tap by tap).
+in bfloat16 (``--precision bfloat16``). Both run the ASPP's atrous branches as
+``folding.aspp_implementation_for_inference`` says (tap by tap in bfloat16, and in
+float32 on TensorFlow's own CPU kernels).
 ``speedup_vs_keras`` is each form's rate over the ``keras`` form's in the same run (when
 both are asked for).
 

@@ -16,12 +16,13 @@ from typing import NamedTuple
 
 import keras
 import numpy as np
+import tensorflow as tf
 from keras import layers
 
 from deeplab_tf.layers import ASPP, AtrousConv2D, AtrousSeparableConv2D, ConvBNReLU
 from deeplab_tf.layers.normalization import FoldableBatchNormalization
 from deeplab_tf.multiscale import MultiScaleInputs
-from deeplab_tf.precision import DTYPE_POLICIES
+from deeplab_tf.precision import DTYPE_POLICIES, onednn_runs
 
 # Convolutions of a functional graph that a batch norm after them can be folded into.
 _FOLDABLE_CONVOLUTIONS = (layers.Conv2D, layers.DepthwiseConv2D, AtrousConv2D)
@@ -36,26 +37,36 @@ class FoldPair(NamedTuple):
     bias: np.ndarray | None  # the convolution's own bias, which the fold removes
 
 
-# The ASPP's atrous branches in the inference copy, by precision: in bfloat16 one 1x1
-# convolution per kernel tap over the pixels it reads inside the map (``sum_of_taps``).
-# At the ASPP's rates most of a dilated kernel's reads are padding, which oneDNN's
-# dilated bfloat16 convolutions pay for: on a Xeon with AMX the branches ran 2.4-13.5x
-# faster as taps, the whole deeplabv3 1.8-1.9x at OS8 and 1.25x at OS16 (README,
-# Benchmarks); on an AMD EPYC without AMX the whole network was within 4% either way.
-# In float32 the two forms were within 5% of each other either way with oneDNN, so
-# float32 keeps the model's; on TensorFlow's own kernels taps were 1.06-1.11x faster
-# but their tf.conds made the first call 3.6 s slower to trace (README, Benchmarks).
-# The backbone's dilated convolutions, at small rates on larger maps, stay as they are
-# in both: there the dilated kernels are faster.
-ASPP_IMPLEMENTATION_FOR_INFERENCE = {"bfloat16": "taps"}
+# The ASPP's atrous branches in the inference copy: one matrix product per kernel tap
+# over the pixels it reads inside the map (``sum_of_taps``) in bfloat16, and in float32
+# where TensorFlow's own kernels run it. At the ASPP's rates most of a dilated kernel's
+# reads are padding, which dilated convolutions pay for: in bfloat16 on a Xeon with AMX
+# the branches ran 2.4-13.5x faster as taps, the whole deeplabv3 1.8-1.9x at OS8 and
+# 1.25x at OS16; on an AMD EPYC without AMX the whole network was within 4% either way.
+# In float32 with oneDNN the two forms were within 5% of each other either way, so it
+# keeps the model's; with TensorFlow's own kernels (an AMD EPYC without AVX-512) the
+# branches ran 1.2-2.3x faster as taps (README, Benchmarks). The backbone's dilated
+# convolutions, at small rates on larger maps, stay as they are.
+ASPP_TAPS_FOR_INFERENCE = "taps"
+
+
+def aspp_implementation_for_inference(precision: str) -> str | None:
+    """The atrous implementation of the ASPP's branches in ``inference_copy``: taps in
+    bfloat16 and where float32 runs on TensorFlow's own CPU kernels (no GPU, oneDNN off:
+    ``precision.onednn_runs``), else None (the model's own)."""
+    if precision == "bfloat16":
+        return ASPP_TAPS_FOR_INFERENCE
+    if tf.config.list_physical_devices("GPU") or onednn_runs("float32"):
+        return None
+    return ASPP_TAPS_FOR_INFERENCE
 
 
 def inference_copy(model: keras.Model, precision: str = "float32") -> keras.Model:
     """What the Predictor and the SavedModel run: ``fold_batch_norm``'s copy of
     ``model`` in ``precision``, with the ASPP's 3x3 atrous branches in the
-    implementation ``ASPP_IMPLEMENTATION_FOR_INFERENCE`` gives that precision; the same
-    outputs up to rounding."""
-    return fold_batch_norm(model, precision, ASPP_IMPLEMENTATION_FOR_INFERENCE.get(precision))
+    implementation ``aspp_implementation_for_inference`` gives; the same outputs up to
+    rounding."""
+    return fold_batch_norm(model, precision, aspp_implementation_for_inference(precision))
 
 
 def fold_batch_norm(

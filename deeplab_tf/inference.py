@@ -22,7 +22,8 @@ and turns an RGB image of any size into probabilities:
 **speed**: the network runs as a copy with its batch norms folded into the convolutions
 before them (``folding.inference_copy``; equal up to float32 rounding), in float32 or,
 with ``precision="bfloat16"`` on a CPU that computes it, in bfloat16 (``precision``),
-the ASPP's atrous branches then computed tap by tap; the logits are cast to float32
+the ASPP's atrous branches computed tap by tap in bfloat16 and on TensorFlow's own CPU
+kernels (``folding.aspp_implementation_for_inference``); the logits are cast to float32
 before the resize and the softmax.
 
 Memory: tiles are processed one row of tiles at a time and only one band of

@@ -51,6 +51,7 @@ NUMERICS = (
     "tests/test_folding.py::test_multi_scale_model_gets_a_folded_network",
     "tests/test_folding.py::test_model_trained_in_bfloat16_runs_float32",
     "tests/test_folding.py::test_fold_against_numpy_and_what_stays",
+    "tests/test_folding.py::test_inference_copy_runs_the_aspp_tap_by_tap_in_bfloat16_and_on_tensorflows_kernels",
     "tests/test_export.py::TestSavedModel::test_serving_default_equals_the_keras_model",
     "tests/test_export.py::TestSavedModel::test_saved_model_cli_runs_serving_default_on_npy",
     "tests/test_export.py::TestSavedModel::test_predict_request_protos_run_through_the_signature",

@@ -71,9 +71,9 @@ class TestAtrousConv2DCorrectness:
         assert_within(layer(x), expected, numpy_atrous_conv2d_bound(x, w, rate, "same"))
 
     def test_taps_compile_with_xla_where_taps_read_only_padding(self):
-        """XLA compiles both branches of each tap's tf.cond, the empty window's too
-        (it rejected that branch's slice: the Predictor's --jit-compile with the ASPP
-        tap by tap). A 5x4 map at rate 6: every tap but the centre reads only padding."""
+        """XLA checks every slice's begin, an empty window's too (it rejected them: the
+        Predictor's --jit-compile with the ASPP tap by tap). A 5x4 map at rate 6: every
+        tap but the centre reads only padding."""
         x = rng.normal(size=(2, 5, 4, 3)).astype("float32")
         layer = _atrous_layer(6, "taps", x_shape=(None, None, None, 3))
         compiled = tf.function(
@@ -82,6 +82,16 @@ class TestAtrousConv2DCorrectness:
         w = np.asarray(layer.kernel)
         expected = numpy_atrous_conv2d(x, w, 6, "same")
         assert_within(compiled(x), expected, numpy_atrous_conv2d_bound(x, w, 6, "same"))
+
+    def test_taps_trace_without_control_flow(self):
+        """Traced with unknown sizes (as the Predictor traces), the taps are plain ops:
+        a tf.cond per tap (two function branches each) made a Predictor's first call
+        seconds slower."""
+        layer = _atrous_layer(6, "taps", x_shape=(None, None, None, 3))
+        traced = tf.function(layer).get_concrete_function(tf.TensorSpec([None, None, None, 3]))
+        op_types = {op.type for op in traced.graph.get_operations()}
+        assert "Conv2D" in op_types
+        assert not op_types & {"If", "StatelessIf", "While", "StatelessWhile"}
 
     @pytest.mark.parametrize("implementation", ATROUS_IMPLEMENTATIONS)
     @pytest.mark.parametrize("rate", [1, 2, 3])

@@ -162,83 +162,87 @@ def sum_of_taps(x, kernel, rate: int, padding: str, tap, channels: int) -> tf.Te
     """y[p] = sum_k tap(x[p + rate k - before], kernel[k]) at stride 1, one kernel tap
     at a time over the part of the image that the tap reads inside it.
 
-    Each tap is a product over channels (``tap(crop, kernel[i:i+1, j:j+1])``: a 1x1
-    convolution, or a per-channel product for depthwise kernels) of the input rows
-    and columns it reads, written back at its place in the ``channels``-wide output;
-    a tap that would read only padding (a rate near the map's size) costs nothing.
-    Where the atrous rate is large against the map, as in the ASPP, most of a dilated
-    kernel's reads are padding, which oneDNN's dilated convolutions still pay for (see
-    README, Benchmarks). Taps are summed in float32 whatever the compute dtype, so that
-    bfloat16 rounds once per tap and not per partial sum.
+    Each tap is a product over channels (``tap(crop, kernel[i:i+1, j:j+1])`` of a crop
+    [n, h', w', C]: a 1x1 convolution, or a per-channel product for depthwise kernels)
+    of the input rows and columns it reads, written back at its place in the
+    ``channels``-wide output. Where the atrous rate is large against the map, as in the
+    ASPP, most of a dilated kernel's reads are padding, which dilated kernels still pay
+    for (see README, Benchmarks). Taps are summed in float32 whatever the compute dtype,
+    so that bfloat16 rounds once per tap and not per partial sum.
     """
     k_h, k_w = kernel.shape[0], kernel.shape[1]
-    shape = tf.shape(x)
-    h, w = shape[1], shape[2]
+    n, h, w, depth = tf.unstack(tf.shape(x))
     same = padding.lower() == "same"
     shrink_h, shrink_w = (0, 0) if same else ((k_h - 1) * rate, (k_w - 1) * rate)
     out_h, out_w = h - shrink_h, w - shrink_w
     before_h, before_w = ((k_h - 1) * rate // 2, (k_w - 1) * rate // 2) if same else (0, 0)
-    total = tf.zeros(tf.stack([shape[0], out_h, out_w, channels]), tf.float32)
-    for i in range(k_h):
-        dy = i * rate - before_h
-        # Output rows [top, bottom) read input rows [top + dy, bottom + dy) in [0, h).
-        top = tf.clip_by_value(-dy, 0, out_h)
-        bottom = tf.clip_by_value(h - dy, top, out_h)
-        for j in range(k_w):
-            dx = j * rate - before_w
-            left = tf.clip_by_value(-dx, 0, out_w)
-            right = tf.clip_by_value(w - dx, left, out_w)
-            add = functools.partial(
-                _add_tap,
-                total,
-                x,
-                kernel[i : i + 1, j : j + 1],
-                tap,
-                (top, bottom, left, right),
-                (dy, dx),
-                (out_h, out_w),
+    # Every tap's window at once, in vector ops: no tf.cond per tap (its two function
+    # branches made tracing a model seconds slower) and a few ops in all rather than a
+    # dozen per tap. Output rows [top, bottom) read input rows [top + dy, bottom + dy)
+    # in [0, h), none (top == bottom) where the tap reads only padding.
+    dy = tf.constant([i * rate - before_h for i in range(k_h) for _ in range(k_w)])
+    dx = tf.constant([j * rate - before_w for _ in range(k_h) for j in range(k_w)])
+    top = tf.clip_by_value(-dy, 0, out_h)
+    bottom = tf.clip_by_value(h - dy, top, out_h)
+    left = tf.clip_by_value(-dx, 0, out_w)
+    right = tf.clip_by_value(w - dx, left, out_w)
+    zeros, ones = tf.zeros_like(dy), tf.ones_like(dy)
+    # A tap that reads only padding still convolves one row or column, clamped into the
+    # map, and keeps none of it: TensorFlow's convolutions return the wrong shape
+    # (oneDNN) or an uninitialised kernel gradient (Eigen) for an empty crop.
+    begins = tf.stack(
+        [zeros, tf.clip_by_value(top + dy, 0, h - 1), tf.clip_by_value(left + dx, 0, w - 1), zeros],
+        1,
+    )
+    crop_sizes = tf.stack(
+        [n * ones, tf.maximum(bottom - top, 1), tf.maximum(right - left, 1), depth * ones], 1
+    )
+    kept_sizes = tf.stack([n * ones, bottom - top, right - left, channels * ones], 1)
+    paddings = tf.stack(
+        [
+            tf.stack(pair, 1)
+            for pair in (
+                [zeros, zeros],
+                [top, out_h - bottom],
+                [left, out_w - right],
+                [zeros, zeros],
             )
-            # Never a product of an empty crop: TensorFlow's convolutions return the
-            # wrong shape (oneDNN) or an uninitialised kernel gradient (Eigen) for one.
-            total = tf.cond(
-                (bottom > top) & (right > left), add, functools.partial(tf.identity, total)
-            )
-    total = tf.cast(total, x.dtype)
-    if x.shape.rank == 4:  # the sizes are tensors: restore what is known statically
-        size = [
-            None if n is None else n - d
-            for n, d in zip(x.shape[1:3], (shrink_h, shrink_w), strict=True)
-        ]
-        total.set_shape([x.shape[0], *size, channels])
-    return total
-
-
-def _add_tap(total, x, one, tap, window, shift, out_size) -> tf.Tensor:
-    """``total`` plus ``tap(crop, one)`` of the input pixels that output ``window``
-    (top, bottom, left, right) reads at ``shift`` (dy, dx), zero elsewhere."""
-    top, bottom, left, right = window
-    dy, dx = shift
-    # A window is empty only in the branch tf.cond does not take, but XLA compiles that
-    # branch too and rejects a begin outside the map: clamped, it is in range either way.
-    shape = tf.shape(x)
-    begin = [
-        0,
-        tf.clip_by_value(top + dy, 0, shape[1]),
-        tf.clip_by_value(left + dx, 0, shape[2]),
-        0,
+        ],
+        1,
+    )
+    # The taps' kernels [1, 1, C, F] in one Unpack: its gradient is one Pack, not a
+    # kernel-sized StridedSliceGrad per tap.
+    tap_kernels = tf.unstack(tf.reshape(kernel, [k_h * k_w, 1, 1, *kernel.shape[2:]]))
+    origin = tf.zeros([4], tf.int32)
+    products = [
+        tf.pad(
+            tf.cast(tf.slice(tap(tf.slice(x, begin, size), one), origin, kept), tf.float32), pads
+        )
+        for begin, size, kept, pads, one in zip(
+            tf.unstack(begins),
+            tf.unstack(crop_sizes),
+            tf.unstack(kept_sizes),
+            tf.unstack(paddings),
+            tap_kernels,
+            strict=True,
+        )
     ]
-    crop = tf.slice(x, begin, [-1, bottom - top, right - left, -1])
-    y = tf.cast(tap(crop, one), tf.float32)
-    out_h, out_w = out_size
-    return total + tf.pad(y, [[0, 0], [top, out_h - bottom], [left, out_w - right], [0, 0]])
+    total = tf.cast(tf.add_n(products), x.dtype)
+    if x.shape.rank == 4:  # the sizes are tensors: restore what is known statically
+        known = [
+            None if size is None else size - shrink
+            for size, shrink in zip(x.shape[1:3], (shrink_h, shrink_w), strict=True)
+        ]
+        total.set_shape([x.shape[0], *known, channels])
+    return total
 
 
 def taps_atrous_conv2d(x, kernel, rate: int, padding: str) -> tf.Tensor:
     """``tf.nn.conv2d(x, kernel, dilations=rate)`` as a sum of 1x1 convolutions
     (``sum_of_taps``)."""
 
-    def tap(crop, one):
-        return tf.nn.conv2d(crop, one, strides=1, padding="VALID")
+    def tap(crop, tap_kernel):
+        return tf.nn.conv2d(crop, tap_kernel, strides=1, padding="VALID")
 
     return sum_of_taps(x, kernel, rate, padding, tap, kernel.shape[-1])
 
