@@ -40,6 +40,7 @@ from tensorflow.python.framework.convert_to_constants import convert_variables_t
 from bench.machine import describe_machine
 from deeplab_tf import VARIANTS, build_model
 from deeplab_tf.folding import inference_copy
+from deeplab_tf.precision import bfloat16_unavailable
 
 FORMS = ("keras", "folded", "bfloat16")
 
@@ -122,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
                 ),
                 **machine,
             }
+            if form == "bfloat16":
+                # Timed all the same (emulated: the Predictor would run float32 there).
+                line["bfloat16_unavailable"] = bfloat16_unavailable()
             print(json.dumps(line), flush=True)
         return rates
 

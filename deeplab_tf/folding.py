@@ -37,7 +37,7 @@ class FoldPair(NamedTuple):
     bias: np.ndarray | None  # the convolution's own bias, which the fold removes
 
 
-# The ASPP's atrous branches in the inference copy: one matrix product per kernel tap
+# The ASPP's atrous branches in the inference copy: one 1x1 convolution per kernel tap
 # over the pixels it reads inside the map (``sum_of_taps``) in bfloat16, and in float32
 # where TensorFlow's own kernels run it. At the ASPP's rates most of a dilated kernel's
 # reads are padding, which dilated convolutions pay for: in bfloat16 on a Xeon with AMX
@@ -45,7 +45,7 @@ class FoldPair(NamedTuple):
 # 1.25x at OS16; on an AMD EPYC without AMX the whole network was within 4% either way.
 # In float32 with oneDNN the two forms were within 5% of each other either way, so it
 # keeps the model's; with TensorFlow's own kernels (an AMD EPYC without AVX-512) the
-# branches ran 1.2-2.3x faster as taps (README, Benchmarks). The backbone's dilated
+# branches ran 1.1-2.3x faster as taps (README, Benchmarks). The backbone's dilated
 # convolutions, at small rates on larger maps, stay as they are.
 ASPP_TAPS_FOR_INFERENCE = "taps"
 
