@@ -23,6 +23,7 @@ from deeplab_tf.layers import (
     normalization_layer,
     normalization_mean,
 )
+from deeplab_tf.layers.atrous import TAPS_FORWARD_MIN_PADDING_READS, _taps_forward
 from deeplab_tf.model import build_model
 from deeplab_tf.variants import get_variant
 from tests.helpers import (
@@ -171,6 +172,22 @@ class TestAtrousConv2DCorrectness:
         bound = numpy_atrous_conv2d_bound(x, w, rate, padding)
         assert_within(y, numpy_atrous_conv2d(x, w, rate, padding), bound)
         assert_gradients_within_bounds(dx, dw, ref_dx, ref_dw, x, w, rate, dy, padding)
+
+    @pytest.mark.parametrize(
+        "size, rate, taps",
+        [(33, 2, False), (33, 4, True), (65, 4, False), (65, 8, True), (33, 18, True)],
+    )
+    def test_fallback_forward_goes_tap_by_tap_where_the_kernel_reads_padding(
+        self, size, rate, taps
+    ):
+        """The rule at the benchmark's shapes (README, Benchmarks), its share of padding
+        reads against a count of a dilated kernel's reads inside the map (a convolution
+        of ones)."""
+        ones = np.ones((1, size, size, 1), np.float32)
+        reads_inside = numpy_atrous_conv2d(ones, np.ones((3, 3, 1, 1), np.float32), rate, "same")
+        padding_reads = 1 - reads_inside.sum() / (9 * size * size)
+        assert (padding_reads >= TAPS_FORWARD_MIN_PADDING_READS) == taps
+        assert _taps_forward((2, size, size, 512), (3, 3, 512, 512), rate, "SAME") == taps
 
     def test_direct_trains_without_onednn(self):
         """With TF_ENABLE_ONEDNN_OPTS=0 native dilated backprop fails; ours must not."""
