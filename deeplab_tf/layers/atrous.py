@@ -113,8 +113,15 @@ def _taps_gradient(x_shape, kernel_shape, rate: int) -> bool:
         return False
     if min(height, width) >= SPACE_TO_BATCH_GRADIENT_MIN_SUBMAP * rate:
         return False
+    return _macs_per_image(x_shape, kernel_shape) >= TAPS_GRADIENT_MIN_MACS
+
+
+def _macs_per_image(x_shape, kernel_shape) -> int:
+    """Multiply-adds per image of a stride-1 convolution, counted at every input pixel
+    (exact for 'same' padding, an upper bound for 'valid')."""
+    _, height, width, _ = x_shape
     kh, kw, channels, filters = kernel_shape
-    return kh * kw * height * width * channels * filters >= TAPS_GRADIENT_MIN_MACS
+    return kh * kw * height * width * channels * filters
 
 
 # Share of a 'same' dilated kernel's reads that fall in the zero padding from which
@@ -129,12 +136,12 @@ def _taps_forward(x_shape, kernel_shape, rate: int, padding: str) -> bool:
     large enough for arithmetic to set its time (``TAPS_GRADIENT_MIN_MACS``) and at
     least ``TAPS_FORWARD_MIN_PADDING_READS`` of the dilated kernel's reads in the
     padding, which the taps skip."""
-    _, height, width, channels = x_shape
+    _, height, width, _ = x_shape
     if padding != "SAME" or height is None or width is None:
         return False
-    kh, kw, _, filters = kernel_shape
-    if kh * kw * height * width * channels * filters < TAPS_GRADIENT_MIN_MACS:
+    if _macs_per_image(x_shape, kernel_shape) < TAPS_GRADIENT_MIN_MACS:
         return False
+    kh, kw = kernel_shape[:2]
     inside = 1.0
     for size, k in ((height, kh), (width, kw)):
         windows = _tap_windows(size, size, k, rate, (k - 1) * rate // 2)
