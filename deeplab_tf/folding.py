@@ -104,11 +104,11 @@ def fold_batch_norm(
     def change(layer, config):
         if id(layer) in paired_convolutions and config.get("use_bias"):
             config["use_bias"] = False  # its bias moves into the batch norm's offset
-        if isinstance(layer, layers.BatchNormalization):
-            return FoldableBatchNormalization.from_config(config)
         if aspp_implementation and isinstance(layer, ASPP) and not config["separable"]:
             config["implementation"] = aspp_implementation
-        return layer.__class__.from_config(config)
+        is_batch_norm = isinstance(layer, layers.BatchNormalization)
+        made = (FoldableBatchNormalization if is_batch_norm else type(layer)).from_config(config)
+        return _with_zero_initializers(made)
 
     copy, clones = _copy(model, precision, change)
     originals = {id(layer): layer for layer in model._flatten_layers(include_self=False)}
@@ -132,6 +132,22 @@ def fold_batch_norm(
     for pair in pairs:
         _fold(pair)
     return copy
+
+
+def _with_zero_initializers(layer: keras.layers.Layer) -> keras.layers.Layer:
+    """``layer`` (not built yet) and the layers it holds, their variables to be made
+    zero: every weight of the copy is set from the model's, so drawing random initial
+    values is wasted (1.3 s of the 4.7 s it takes to copy deeplabv3, whose 58 million
+    weights Keras draws from truncated normals). Leaves the copy's config saying zeros,
+    one more reason it is not for saving."""
+    for part in (layer, *layer._flatten_layers(include_self=False, recursive=True)):
+        for name, value in list(vars(part).items()):
+            if isinstance(value, keras.initializers.Initializer):
+                setattr(part, name, _ZEROS)
+    return layer
+
+
+_ZEROS = keras.initializers.Zeros()
 
 
 def in_precision(model: keras.Model, precision: str) -> keras.Model:

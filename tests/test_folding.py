@@ -102,6 +102,27 @@ def test_folded_copy_equals_the_model(variant, layers, terms):
         np.testing.assert_array_equal(a, b)
 
 
+def test_the_copy_draws_no_initial_values(monkeypatch):
+    """Every weight of the copy comes from the model, so making it draws no random
+    initial values (for deeplabv3, 58 million from truncated normals)."""
+    model = build_model("deeplabv3plus-resnet10-cpu", 5, upsample_logits=False)
+
+    def no_draw(self, *args, **kwargs):
+        raise AssertionError(f"the copy drew initial values from {type(self).__name__}")
+
+    for initializer in (keras.initializers.VarianceScaling, keras.initializers.RandomNormal):
+        monkeypatch.setattr(initializer, "__call__", no_draw)  # he_normal is VarianceScaling
+    with pytest.raises(AssertionError, match="drew initial values"):  # the patch bites
+        build_model("deeplabv3plus-resnet10-cpu", 5)
+    images = rng.uniform(0, 255, (1, 33, 41, 3)).astype("float32")
+    # The network and bound of test_folded_copy_equals_the_model's second case.
+    assert_close_relative(
+        fold_batch_norm(model)(images, training=False),
+        model(images, training=False),
+        network_rtol(14, 9 * 128),
+    )
+
+
 def _aspp_implementations(model: keras.Model) -> set[str]:
     return {
         branch.conv.implementation
