@@ -137,8 +137,8 @@ def fold_batch_norm(
 def _with_zero_initializers(layer: keras.layers.Layer) -> keras.layers.Layer:
     """``layer`` (not built yet) and the layers it holds, their variables to be made
     zero: every weight of the copy is set from the model's, so drawing random initial
-    values is wasted (1.3 s of the 4.7 s it takes to copy deeplabv3, whose 58 million
-    weights Keras draws from truncated normals). Leaves the copy's config saying zeros,
+    values is wasted (deeplabv3's 58 million from truncated normals: over a quarter of
+    the time the copy took; README, Benchmarks). Leaves the copy's config saying zeros,
     one more reason it is not for saving."""
     for part in (layer, *layer._flatten_layers(include_self=False, recursive=True)):
         for name, value in list(vars(part).items()):
