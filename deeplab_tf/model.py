@@ -19,7 +19,7 @@ import os
 import keras
 from keras import layers
 
-from deeplab_tf.backbones import build_backbone, check_output_stride
+from deeplab_tf.backbones import build_backbone, check_output_stride, check_weights
 from deeplab_tf.backbones.features import DECODER_STRIDE, low_level_feature_name
 from deeplab_tf.backbones.vgg import (
     FRONTEND_STRIDE,
@@ -94,6 +94,7 @@ def build_model(
         raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
     output_stride = variant.output_stride if output_stride is None else output_stride
     check_variant_output_stride(variant, output_stride)
+    check_weights(variant.backbone, backbone_weights)  # a bad one fails before any building
     variant = dataclasses.replace(variant, output_stride=output_stride)
 
     if variant.input_scales:

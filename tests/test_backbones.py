@@ -5,6 +5,7 @@ import keras
 import numpy as np
 import pytest
 
+from deeplab_tf import backbones, build_model
 from deeplab_tf.backbones import (
     OUTPUT_STRIDES,
     WeightsUnavailableError,
@@ -289,3 +290,21 @@ class TestWeights:
         backbone = build_backbone("mobilenetv2", alpha=0.35)
         with pytest.raises(WeightsUnavailableError, match=r"file not found: .*nope\.h5"):
             load_backbone_weights(backbone, "mobilenetv2", tmp_path / "nope.h5", alpha=0.35)
+
+    def test_bad_weights_fail_before_anything_is_built(self, monkeypatch, tmp_path):
+        """A missing file, or ImageNet weights that keras.applications lacks: the error
+        comes at once, not after a ResNet-101 (or VGG-16) has been made."""
+
+        def no_build(*args, **kwargs):
+            raise AssertionError("built before checking the weights")
+
+        for builder in ("build_resnet", "build_xception65", "build_vgg16"):
+            monkeypatch.setattr(backbones, builder, no_build)
+        missing = tmp_path / "nope.h5"
+        for variant in ("deeplabv3", "deeplabv1-largefov"):  # VGG's load after the build
+            with pytest.raises(WeightsUnavailableError, match=r"file not found: .*nope\.h5"):
+                build_model(variant, 21, backbone_weights=missing)
+        with pytest.raises(WeightsUnavailableError, match=r"xception65 has no keras\.app"):
+            build_backbone("xception65", weights="imagenet")
+        with pytest.raises(AssertionError, match="built before"):  # the patch bites
+            build_model("deeplabv3", 21)

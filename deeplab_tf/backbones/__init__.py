@@ -15,6 +15,7 @@ from deeplab_tf.backbones.vgg import VGG_BACKBONES, build_vgg16, build_vgg16_fro
 from deeplab_tf.backbones.weights import (
     TransferReport,
     WeightsUnavailableError,
+    check_weights,
     load_backbone_weights,
     transfer_weights,
     weights_source,
@@ -53,6 +54,7 @@ def build_backbone(
         raise ValueError(f"msc_taps (DeepLab-MSc) applies to vgg16 only, not {arch}")
     if cascade_blocks and arch not in RESNET_UNITS:
         raise ValueError(f"cascade_blocks applies to ResNet backbones only, not {arch}")
+    check_weights(arch, weights)
     if arch in RESNET_UNITS:
         model = build_resnet(
             arch,
@@ -105,6 +107,7 @@ __all__ = [
     "WeightsUnavailableError",
     "build_backbone",
     "check_output_stride",
+    "check_weights",
     "feature_extractor",
     "load_backbone_weights",
     "transfer_weights",

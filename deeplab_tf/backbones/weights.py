@@ -112,6 +112,27 @@ def keras_application(arch: str, weights: str | None, alpha: float = 1.0) -> ker
     return constructors[arch](include_top=False, weights=weights)
 
 
+def check_weights(arch: str, weights: str | os.PathLike | None) -> None:
+    """Refuses ``weights`` (as in ``weights_source``) that cannot fill backbone ``arch``,
+    as far as can be told without downloading: ImageNet weights of a backbone that
+    keras.applications lacks, a file that does not exist. The builders call it before
+    building, so such an argument fails at once, not after a ResNet-101 is made.
+
+    Raises:
+        WeightsUnavailableError: as described.
+    """
+    if weights is None:
+        return
+    path = os.fspath(weights)
+    if arch in NO_KERAS_APPLICATION and not path.endswith(".keras"):
+        raise WeightsUnavailableError(
+            f"{arch} has no keras.applications ImageNet weights: train it from scratch "
+            f"(backbone_weights None) or pass a .keras model with its layer names, got {path}"
+        )
+    if weights != "imagenet" and not os.path.isfile(path):
+        raise WeightsUnavailableError(f"backbone_weights file not found: {path}")
+
+
 def weights_source(
     arch: str, weights: str | os.PathLike | None, alpha: float = 1.0
 ) -> keras.Model | None:
@@ -132,13 +153,9 @@ def weights_source(
     """
     if weights is None:
         return None
+    check_weights(arch, weights)
     top = "with-top" if arch.startswith("vgg16") else "'notop'"
     path = os.fspath(weights)
-    if arch in NO_KERAS_APPLICATION and not path.endswith(".keras"):
-        raise WeightsUnavailableError(
-            f"{arch} has no keras.applications ImageNet weights: train it from scratch "
-            f"(backbone_weights None) or pass a .keras model with its layer names, got {path}"
-        )
     if weights == "imagenet":
         try:
             return keras_application(arch, "imagenet", alpha)
@@ -148,8 +165,6 @@ def weights_source(
                 f"({error}); on a machine without internet, copy the keras.applications "
                 f"{top} weights file here and pass its path as backbone_weights"
             ) from error
-    if not os.path.isfile(path):
-        raise WeightsUnavailableError(f"backbone_weights file not found: {path}")
     if path.endswith(".keras"):
         return keras.models.load_model(path, compile=False)
     source = keras_application(arch, None, alpha)
