@@ -101,6 +101,8 @@ CASES = [
     ("train", ["--data-dir", "{data}", "--strategy", "tpu"], "--strategy must be one of"),
     ("train", ["--data-dir", "{data}", "--epochs", "0"], "--epochs must be positive"),
     ("train", ["--steps", "abc"], "invalid int value: 'abc'"),
+    ("train", ["--data-dir", "{data}", "--backbone-weights", "{root}/nope.h5"], "nope.h5"),
+    ("train", ["--data-dir", "{data}", "--backbone-weights", "imagenet"], "no keras.applications"),
     ("evaluate", ["--checkpoint", "{root}/missing"], "missing"),
     ("evaluate", ["--checkpoint", "{truncated}"], "not a complete .keras file"),
     ("evaluate", ["--checkpoint", "{run}", "--split", "test"], "no split 'test'"),

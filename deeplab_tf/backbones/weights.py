@@ -14,8 +14,9 @@ NO_KERAS_APPLICATION = ("resnet10_cpu", "xception65")  # aligned Xception: not i
 logger = logging.getLogger(__name__)
 
 
-class WeightsUnavailableError(RuntimeError):
-    """Pretrained weights could not be obtained (offline machine, missing file)."""
+class WeightsUnavailableError(ValueError):
+    """Pretrained weights could not be obtained (offline machine, missing file): the
+    tools report it as bad input (exit code 2), with what to pass instead."""
 
 
 @dataclass

@@ -9,6 +9,7 @@ from typing import Any
 
 import tensorflow as tf
 
+from deeplab_tf.backbones import check_weights
 from deeplab_tf.model import (
     DEFAULT_ATROUS_IMPLEMENTATION,
     MAX_TENSOR_ELEMENTS,
@@ -111,6 +112,7 @@ def check_config(config: TrainConfig, replicas: int) -> None:
                 "(or --no-train-only-new-layers to train everything)"
             )
     check_variant_output_stride(variant, recipe.output_stride)
+    check_weights(variant.backbone, config.backbone_weights)  # before any data is made
     for flag, value in (("--batch-size", recipe.batch_size), ("--crop-size", recipe.crop_size)):
         if value < 1:
             raise TrainingError(f"{flag} must be positive, got {value}")
