@@ -103,6 +103,11 @@ CASES = [
     ("train", ["--steps", "abc"], "invalid int value: 'abc'"),
     ("train", ["--data-dir", "{data}", "--backbone-weights", "{root}/nope.h5"], "nope.h5"),
     ("train", ["--data-dir", "{data}", "--backbone-weights", "imagenet"], "no keras.applications"),
+    (
+        "train",
+        ["--variant", "deeplabv3", "--data-dir", "{data}", "--backbone-weights", "{bad_yaml}"],
+        "weights file (.h5, .weights.h5) or a .keras model, got",
+    ),
     ("evaluate", ["--checkpoint", "{root}/missing"], "missing"),
     ("evaluate", ["--checkpoint", "{truncated}"], "not a complete .keras file"),
     ("evaluate", ["--checkpoint", "{run}", "--split", "test"], "no split 'test'"),

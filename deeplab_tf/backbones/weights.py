@@ -116,8 +116,9 @@ def keras_application(arch: str, weights: str | None, alpha: float = 1.0) -> ker
 def check_weights(arch: str, weights: str | os.PathLike | None) -> None:
     """Refuses ``weights`` (as in ``weights_source``) that cannot fill backbone ``arch``,
     as far as can be told without downloading: ImageNet weights of a backbone that
-    keras.applications lacks, a file that does not exist. The builders call it before
-    building, so such an argument fails at once, not after a ResNet-101 is made.
+    keras.applications lacks, a file that does not exist or is neither a weights file
+    nor a ``.keras`` model. The builders call it before building, so such an argument
+    fails at once, not after a ResNet-101 is made.
 
     Raises:
         WeightsUnavailableError: as described.
@@ -130,8 +131,15 @@ def check_weights(arch: str, weights: str | os.PathLike | None) -> None:
             f"{arch} has no keras.applications ImageNet weights: train it from scratch "
             f"(backbone_weights None) or pass a .keras model with its layer names, got {path}"
         )
-    if weights != "imagenet" and not os.path.isfile(path):
+    if weights == "imagenet":
+        return
+    if not os.path.isfile(path):
         raise WeightsUnavailableError(f"backbone_weights file not found: {path}")
+    if not path.endswith((".keras", ".h5")):  # .h5 and .weights.h5: what Keras loads
+        raise WeightsUnavailableError(
+            "backbone_weights must be a keras.applications weights file (.h5, .weights.h5) "
+            f"or a .keras model, got {path}"
+        )
 
 
 def weights_source(
