@@ -4,9 +4,10 @@ Importing the package registers its layers, loss, metric, optimizer and
 schedules, so ``keras.models.load_model`` can read the ``.keras`` files it writes.
 """
 
-from deeplab_tf import console
+from deeplab_tf import allocator, console
 
 with console.quiet_stderr():  # TensorFlow's import-time log lines (console.py)
+    allocator.use_bfc_allocator_by_default()  # before TensorFlow's first allocation
     import tensorflow  # noqa: F401
 
 from deeplab_tf import layers, losses, metrics, schedules
