@@ -1,9 +1,10 @@
 """TensorFlow's CPU memory allocator for the processes that import this package.
 
 TensorFlow takes every CPU tensor from malloc unless told otherwise. A DeepLab
-network's activations at 513x513 run to tens of megabytes each, which glibc serves
-as fresh pages from the kernel (faulted in and zeroed on first touch) and gives back
-when they are freed, so every step pays for its memory again: in a deeplabv3 OS16
+network's activations at 513x513 run to tens of megabytes each, blocks that glibc
+hands back to the system when they are freed (above its mmap threshold, and by
+trimming its heaps), so the next step's tensors are fresh pages again, faulted in and
+zeroed on first touch, and every step pays for its memory anew: in a deeplabv3 OS16
 training step on one core a Pad of a [2, 33, 33, 2048] tensor took 40 ms against
 1-2 ms on memory already touched. TensorFlow's best-fit-with-coalescing allocator
 (``TF_CPU_ALLOCATOR_USE_BFC``, the one it puts in front of GPU memory) keeps what it
