@@ -7,8 +7,9 @@ schedules, so ``keras.models.load_model`` can read the ``.keras`` files it write
 from deeplab_tf import allocator, console
 
 with console.quiet_stderr():  # TensorFlow's import-time log lines (console.py)
-    allocator.use_bfc_allocator_by_default()  # before TensorFlow's first allocation
     import tensorflow  # noqa: F401
+
+    allocator.use_bfc_allocator_by_default()  # before TensorFlow's first allocation
 
 from deeplab_tf import layers, losses, metrics, schedules
 from deeplab_tf.model import DEFAULT_ATROUS_IMPLEMENTATION, build_model

@@ -33,6 +33,7 @@ from __future__ import annotations
 import pytest
 
 NUMERICS = (
+    "tests/test_allocator.py",
     "tests/test_backbones.py::TestOutputStrideConsistency",
     "tests/test_backbones.py::TestResNet::test_os32_reproduces_keras_applications_resnet101",
     "tests/test_backbones.py::TestWeights::test_mobilenet_v2_fills_every_layer_but_the_last_conv",
