@@ -13,7 +13,8 @@ front of GPU memory) keeps what it has grown to and reuses it: a deeplabv3 train
 step ran 1.11x faster on one core and 1.13x on two, with a lower peak resident size;
 inference did not move beyond the machine's spread (README, Benchmarks). Where oneDNN
 is on, TensorFlow serves CPU tensors from oneDNN's allocator, which pools large
-blocks in a BFC allocator of its own, so that is left as it is.
+blocks in a BFC allocator of its own, so that is left as it is (BFC was no faster
+there: a training step on an AVX-512 AMD EPYC, README, Benchmarks).
 
 ``import deeplab_tf`` calls ``use_bfc_allocator_by_default`` after importing
 TensorFlow. TensorFlow reads the variable when it makes its CPU allocator, at its

@@ -42,6 +42,12 @@ def test_machine_line_names_the_cpu(tmp_path):
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9B45\n")
     assert cpu_model(cpuinfo) == "AMD EPYC 9B45"
+    # The generation from the first CPU's family and model (the name may not tell it).
+    cpuinfo.write_text(
+        "processor\t: 0\ncpu family\t: 26\nmodel\t\t: 2\nmodel name\t: AMD EPYC\n\n"
+        "processor\t: 1\ncpu family\t: 25\nmodel\t\t: 1\nmodel name\t: Other\n"
+    )
+    assert cpu_model(cpuinfo) == "AMD EPYC, family 26 model 2"
     assert cpu_model(tmp_path / "missing")  # falls back to what platform knows
     line = describe_machine()
     assert line.startswith(cpu_model()) and " cores, " in line and line.endswith(" usable")
