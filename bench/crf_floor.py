@@ -66,10 +66,9 @@ def _c_iterations(mean_field_c, lattices, probabilities, params: crf.CRFParams):
             [k * s.numpy() for k, s in zip(kernel_weights, slice_weights, strict=True)], axis=1
         ),
         "up": np.stack([b.numpy() for b in blur]).astype(np.int64),
-        "unary": -np.log(np.clip(probabilities.reshape(-1, num_classes), PROBABILITY_FLOOR, 1.0))[
-            order
-        ].astype(np.float32),
+        "unary": -np.log(np.clip(probabilities.reshape(-1, num_classes), PROBABILITY_FLOOR, 1.0)),
     }
+    arrays["unary"] = arrays["unary"][order].astype(np.float32)  # in the lattices' pixel order
     arrays = {name: np.ascontiguousarray(a) for name, a in arrays.items()}
     num_points, k = arrays["vertex_of"].shape
 
@@ -89,6 +88,13 @@ def _c_iterations(mean_field_c, lattices, probabilities, params: crf.CRFParams):
         return refined.reshape(h, w, num_classes)
 
     return run
+
+
+def _pydensecrf_seconds(image, probabilities, params: crf.CRFParams, repeats: int) -> float:
+    def refine():
+        return crf.refine(image, probabilities, params, backend="pydensecrf")
+
+    return _median_seconds(refine, repeats)[0]
 
 
 def measure(mean_field_c, h: int, w: int, num_classes: int, repeats: int) -> dict:
@@ -119,9 +125,7 @@ def measure(mean_field_c, h: int, w: int, num_classes: int, repeats: int) -> dic
     same_label = float((c_iterate().argmax(-1) == iterate().argmax(-1)).mean())
     if crf.pydensecrf_available():
         set_up, total = (
-            _median_seconds(lambda p=p: crf.refine(image, probabilities, p, "pydensecrf"), repeats)[
-                0
-            ]
+            _pydensecrf_seconds(image, probabilities, p, repeats)
             for p in (dataclasses.replace(params, iterations=0), params)
         )
         seconds.update(pydensecrf_set_up_s=set_up, pydensecrf_iterations_s=total - set_up)
