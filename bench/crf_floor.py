@@ -59,6 +59,7 @@ def _c_iterations(mean_field_c, lattices, probabilities, params: crf.CRFParams):
     order = order.numpy()
     h, w, num_classes = probabilities.shape
     kernel_weights = (params.w2, params.w1)  # the stacked lattices' order
+    unary = -np.log(np.clip(probabilities.reshape(-1, num_classes), PROBABILITY_FLOOR, 1.0))
     arrays = {
         "vertex_of": vertex_of.numpy().astype(np.int32),
         "splat": np.concatenate([s.numpy() for s in splat_weights], axis=1),
@@ -66,19 +67,16 @@ def _c_iterations(mean_field_c, lattices, probabilities, params: crf.CRFParams):
             [k * s.numpy() for k, s in zip(kernel_weights, slice_weights, strict=True)], axis=1
         ),
         "up": np.stack([b.numpy() for b in blur]).astype(np.int64),
-        "unary": -np.log(np.clip(probabilities.reshape(-1, num_classes), PROBABILITY_FLOOR, 1.0)),
+        "unary": unary[order].astype(np.float32),  # in the lattices' pixel order
     }
-    arrays["unary"] = arrays["unary"][order].astype(np.float32)  # in the lattices' pixel order
-    arrays = {name: np.ascontiguousarray(a) for name, a in arrays.items()}
-    num_points, k = arrays["vertex_of"].shape
+    # In the C signature's order; each pointer keeps its array alive (numpy's data_as).
+    arrays = [np.ascontiguousarray(a) for a in arrays.values()]
+    pointers = [a.ctypes.data_as(ctypes.c_void_p) for a in arrays]
+    num_points, k = arrays[0].shape
+    sizes = (num_points, k, int(num_vertices), num_classes, len(blur))
 
     def run() -> np.ndarray:
         q = np.empty((num_points, num_classes), np.float32)
-        pointers = [
-            arrays[name].ctypes.data_as(ctypes.c_void_p)
-            for name in ("vertex_of", "splat", "slice", "up", "unary")
-        ]
-        sizes = (num_points, k, int(num_vertices), num_classes, len(blur))
         output = q.ctypes.data_as(ctypes.c_void_p)
         status = mean_field_c(*sizes, *pointers, params.iterations, output)
         if status != 0:
